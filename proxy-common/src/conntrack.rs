@@ -1,0 +1,67 @@
+//! Per-flow state: which backend a flow was given, and how to reverse-translate its replies.
+
+use bytemuck::{Pod, Zeroable};
+
+/// `LruHashMap<CtKey4, CtEntry4>`. Two entries per flow: the forward one keyed by the client's
+/// tuple towards the frontend, the reply one keyed by the backend's tuple towards the client.
+pub const CT4: &str = "CT4";
+
+/// 512k entries = 256k flows. Entry cost is about 16 + 32 bytes plus the kernel's per-element
+/// overhead (~64 bytes) = ~56 MiB at the default size.
+pub const DEFAULT_CT: u32 = 524_288;
+
+/// Key direction: client -> frontend.
+pub const CT_DIR_FORWARD: u8 = 0;
+/// Key direction: backend -> client.
+pub const CT_DIR_REPLY: u8 = 1;
+
+/// A FIN or RST was seen on this TCP flow: it expires after [`CT_TIMEOUT_CLOSING_NS`].
+pub const CT_F_CLOSING: u16 = 1;
+/// The flow has only seen a SYN: it expires after [`CT_TIMEOUT_SYN_NS`].
+pub const CT_F_SYN_ONLY: u16 = 2;
+
+/// Idle timeouts, matching Cilium's defaults.
+pub const CT_TIMEOUT_TCP_NS: u64 = 21_600 * 1_000_000_000;
+pub const CT_TIMEOUT_SYN_NS: u64 = 60 * 1_000_000_000;
+pub const CT_TIMEOUT_CLOSING_NS: u64 = 10 * 1_000_000_000;
+pub const CT_TIMEOUT_UDP_NS: u64 = 60 * 1_000_000_000;
+/// `last_seen_ns` is written at most this often, to keep the established path read-mostly.
+pub const CT_REFRESH_NS: u64 = 1_000_000_000;
+
+/// Key of [`CT4`], in the orientation of the packet that looks it up.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct CtKey4 {
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    /// `CT_DIR_FORWARD` or `CT_DIR_REPLY`.
+    pub dir: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Value of [`CT4`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct CtEntry4 {
+    /// Forward: the backend address and port to DNAT to. Reply: the frontend address and port
+    /// to put back as the source.
+    pub nat_addr_be: u32,
+    pub nat_port_be: u16,
+    /// `CT_F_*` bits.
+    pub flags: u16,
+    pub svc_id: u32,
+    pub backend_id: u32,
+    /// The frontend's revision when the backend was last validated.
+    pub revision: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` when the flow was last refreshed.
+    pub last_seen_ns: u64,
+}
+
+const _: () = assert!(size_of::<CtKey4>() == 16);
+const _: () = assert!(size_of::<CtEntry4>() == 32);
+
+crate::impl_user_pod!(CtKey4, CtEntry4);

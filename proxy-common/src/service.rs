@@ -1,0 +1,67 @@
+//! Frontends (a Service address, port and protocol) and their backend slots.
+//!
+//! Cilium's `lb4_services` split: the frontend entry holds the backend count and the service id;
+//! slot `n` (1..=count) of that id names a backend id. The controller writes backends, then
+//! slots, then the frontend, so a packet never sees a count larger than the slots written.
+
+use bytemuck::{Pod, Zeroable};
+
+/// `HashMap<Frontend4Key, Service4>`: every ClusterIP/port/protocol the datapath translates.
+pub const FRONTENDS4: &str = "FRONTENDS4";
+/// `HashMap<SlotKey, Slot>`: backend id for each slot of each service.
+pub const SLOTS: &str = "SLOTS";
+
+/// Default sizes: 64k Services with a few ports each, 256k backends.
+pub const DEFAULT_FRONTENDS: u32 = 65_536;
+pub const DEFAULT_SLOTS: u32 = 262_144;
+
+/// Key of [`FRONTENDS4`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct Frontend4Key {
+    pub addr_be: u32,
+    pub port_be: u16,
+    /// IP protocol number (6 TCP, 17 UDP, 132 SCTP).
+    pub proto: u8,
+    /// Reserved for traffic scope (internal/external, for externalTrafficPolicy); 0 today.
+    pub scope: u8,
+}
+
+/// Value of [`FRONTENDS4`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Service4 {
+    /// Service id: names the slots of this frontend and is stored in conntrack entries.
+    pub svc_id: u32,
+    /// Number of slots 1..=backend_count holding usable backends.
+    pub backend_count: u16,
+    /// `SVC_F_*` bits.
+    pub flags: u16,
+    /// Bumped by the controller whenever this frontend's backend set changes, so established
+    /// flows re-validate their backend once instead of on every packet.
+    pub revision: u32,
+    pub _pad: u32,
+}
+
+/// Key of [`SLOTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SlotKey {
+    pub svc_id: u32,
+    /// 1-based slot number.
+    pub slot: u32,
+}
+
+/// Value of [`SLOTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Slot {
+    pub backend_id: u32,
+}
+
+const _: () = assert!(size_of::<Frontend4Key>() == 8);
+const _: () = assert!(size_of::<Service4>() == 16);
+const _: () = assert!(size_of::<SlotKey>() == 8);
+const _: () = assert!(size_of::<Slot>() == 4);
+
+crate::impl_user_pod!(Frontend4Key, Service4, SlotKey, Slot);

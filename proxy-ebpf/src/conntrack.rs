@@ -1,0 +1,104 @@
+//! Flow table: finding a flow's entry, deciding whether it is still alive, and recording new
+//! flows. Timeouts are enforced on lookup (an expired entry counts as absent), so no garbage
+//! collector has to run for correctness; the LRU evicts the rest.
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use proxy_common::conntrack::{
+    CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_CLOSING, CT_F_SYN_ONLY, CT_REFRESH_NS,
+    CT_TIMEOUT_CLOSING_NS, CT_TIMEOUT_SYN_NS, CT_TIMEOUT_TCP_NS, CT_TIMEOUT_UDP_NS, CtEntry4,
+    CtKey4,
+};
+
+use crate::{
+    maps::CT4,
+    parse::{Flow4, PROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+};
+
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+pub fn forward_key(flow: &Flow4) -> CtKey4 {
+    CtKey4 {
+        saddr_be: flow.saddr,
+        daddr_be: flow.daddr,
+        sport_be: flow.sport,
+        dport_be: flow.dport,
+        proto: flow.proto,
+        dir: CT_DIR_FORWARD,
+        _pad: [0; 2],
+    }
+}
+
+#[inline(always)]
+pub fn reply_key(flow: &Flow4) -> CtKey4 {
+    CtKey4 {
+        dir: CT_DIR_REPLY,
+        ..forward_key(flow)
+    }
+}
+
+/// How long an entry lives without traffic, by protocol and TCP state.
+#[inline(always)]
+fn timeout_ns(proto: u8, flags: u16) -> u64 {
+    if proto != PROTO_TCP {
+        CT_TIMEOUT_UDP_NS
+    } else if flags & CT_F_CLOSING != 0 {
+        CT_TIMEOUT_CLOSING_NS
+    } else if flags & CT_F_SYN_ONLY != 0 {
+        CT_TIMEOUT_SYN_NS
+    } else {
+        CT_TIMEOUT_TCP_NS
+    }
+}
+
+/// Whether `entry` may carry this packet: not idle past its timeout, and not a closed TCP flow
+/// whose tuple a new connection (a bare SYN) is reusing.
+#[inline(always)]
+pub fn is_live(entry: &CtEntry4, flow: &Flow4, now: u64) -> bool {
+    if now.wrapping_sub(entry.last_seen_ns) > timeout_ns(flow.proto, entry.flags) {
+        return false;
+    }
+    let bare_syn = flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    !(flow.proto == PROTO_TCP && bare_syn && entry.flags & CT_F_CLOSING != 0)
+}
+
+/// Notes TCP state changes and refreshes the idle clock, writing the entry only when something
+/// changed or a second has passed, so established traffic mostly reads.
+#[inline(always)]
+pub fn touch(entry: *mut CtEntry4, flow: &Flow4, now: u64) {
+    // SAFETY: `entry` comes from a successful map lookup; concurrent writers on other CPUs can
+    // at worst lose a refresh, which only shortens an idle timeout by a second.
+    let e = unsafe { &mut *entry };
+    let mut flags = e.flags;
+    if flow.proto == PROTO_TCP {
+        if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            flags |= CT_F_CLOSING;
+        }
+        if flow.tcp_flags & TCP_ACK != 0 {
+            flags &= !CT_F_SYN_ONLY;
+        }
+    }
+    if flags != e.flags || now.wrapping_sub(e.last_seen_ns) > CT_REFRESH_NS {
+        e.flags = flags;
+        e.last_seen_ns = now;
+    }
+}
+
+/// Initial flags of a new flow's entries.
+#[inline(always)]
+pub fn initial_flags(flow: &Flow4) -> u16 {
+    if flow.proto == PROTO_TCP && flow.tcp_flags & TCP_ACK == 0 {
+        CT_F_SYN_ONLY
+    } else {
+        0
+    }
+}
+
+#[inline(always)]
+pub fn insert(key: &CtKey4, entry: &CtEntry4) -> Result<(), i32> {
+    CT4.insert(key, entry, 0)
+}

@@ -1,0 +1,51 @@
+//! svcproxy's kernel programs: a tc (tcx) ingress classifier and an XDP program, both thin
+//! wrappers over one load-balancing core ([`lb::process`]) that only differ in how they touch
+//! the packet ([`packet::Packet`]) and which action a verdict becomes.
+#![no_std]
+#![no_main]
+
+mod conntrack;
+mod lb;
+mod maps;
+mod nat;
+mod packet;
+mod parse;
+mod stats;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+
+use crate::lb::Verdict;
+
+/// tc ingress on pod veths and other virtual devices (tcx on kernels >= 6.6).
+#[classifier]
+pub fn svcproxy_tc(ctx: TcContext) -> i32 {
+    match lb::process(&ctx) {
+        Verdict::Pass => TC_ACT_OK,
+        Verdict::Drop => TC_ACT_SHOT,
+    }
+}
+
+/// XDP on devices with a native driver (real NICs); same core as the tc program.
+#[xdp]
+pub fn svcproxy_xdp(ctx: XdpContext) -> u32 {
+    match lb::process(&ctx) {
+        Verdict::Pass => xdp_action::XDP_PASS,
+        Verdict::Drop => xdp_action::XDP_DROP,
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
+    // The verifier proves no path reaches here; there is no unwinding in BPF.
+    loop {}
+}
+
+/// The kernel refuses programs without a GPL-compatible license to use GPL-only helpers.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

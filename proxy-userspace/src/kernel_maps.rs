@@ -1,0 +1,159 @@
+//! [`MapOps`] over the real (pinned) BPF maps, and a reader for the datapath counters.
+
+use std::collections::HashMap as StdHashMap;
+
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
+use proxy_common::{
+    backend::{BACKENDS4, Backend4, REPLY_FILTER, REPLY_FILTER_SIZE},
+    service::{FRONTENDS4, Frontend4Key, SLOTS, Service4, Slot, SlotKey},
+    stats::{STAT_COUNT, STATS},
+};
+
+use crate::{
+    loader::{Datapath, LoadError},
+    writer::{MapOps, Snapshot, WriteError},
+};
+
+pub struct KernelMaps {
+    frontends: HashMap<MapData, Frontend4Key, Service4>,
+    slots: HashMap<MapData, SlotKey, Slot>,
+    backends: HashMap<MapData, u32, Backend4>,
+    filter: Array<MapData, u32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("map has an unexpected type or layout: {0}")]
+    Map(#[from] MapError),
+}
+
+impl KernelMaps {
+    /// Takes the writable maps out of the loaded datapath.
+    pub fn take(dp: &mut Datapath) -> Result<Self, OpenError> {
+        Ok(Self {
+            frontends: HashMap::try_from(dp.take_map(FRONTENDS4)?)?,
+            slots: HashMap::try_from(dp.take_map(SLOTS)?)?,
+            backends: HashMap::try_from(dp.take_map(BACKENDS4)?)?,
+            filter: Array::try_from(dp.take_map(REPLY_FILTER)?)?,
+        })
+    }
+}
+
+fn map_err(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> WriteError {
+    move |e| WriteError::Map {
+        map,
+        op,
+        reason: e.to_string(),
+    }
+}
+
+/// Deleting what is already gone is success: a retried removal must converge.
+fn ignore_missing(res: Result<(), MapError>) -> Result<(), MapError> {
+    match res {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+impl MapOps for KernelMaps {
+    fn put_frontend(&mut self, key: Frontend4Key, value: Service4) -> Result<(), WriteError> {
+        self.frontends
+            .insert(key, value, 0)
+            .map_err(map_err(FRONTENDS4, "insert"))
+    }
+
+    fn del_frontend(&mut self, key: Frontend4Key) -> Result<(), WriteError> {
+        ignore_missing(self.frontends.remove(&key)).map_err(map_err(FRONTENDS4, "remove"))
+    }
+
+    fn put_slot(&mut self, key: SlotKey, value: Slot) -> Result<(), WriteError> {
+        self.slots
+            .insert(key, value, 0)
+            .map_err(map_err(SLOTS, "insert"))
+    }
+
+    fn del_slot(&mut self, key: SlotKey) -> Result<(), WriteError> {
+        ignore_missing(self.slots.remove(&key)).map_err(map_err(SLOTS, "remove"))
+    }
+
+    fn put_backend(&mut self, id: u32, value: Backend4) -> Result<(), WriteError> {
+        self.backends
+            .insert(id, value, 0)
+            .map_err(map_err(BACKENDS4, "insert"))
+    }
+
+    fn del_backend(&mut self, id: u32) -> Result<(), WriteError> {
+        ignore_missing(self.backends.remove(&id)).map_err(map_err(BACKENDS4, "remove"))
+    }
+
+    fn filter_add(&mut self, slot: u32, delta: i32) -> Result<(), WriteError> {
+        let cur = self
+            .filter
+            .get(&slot, 0)
+            .map_err(map_err(REPLY_FILTER, "get"))?;
+        let new = cur.saturating_add_signed(delta);
+        self.filter
+            .set(slot, new, 0)
+            .map_err(map_err(REPLY_FILTER, "set"))
+    }
+
+    fn snapshot(&mut self) -> Result<Snapshot, WriteError> {
+        Ok(Snapshot {
+            frontends: self
+                .frontends
+                .iter()
+                .collect::<Result<_, _>>()
+                .map_err(map_err(FRONTENDS4, "iterate"))?,
+            slots: self
+                .slots
+                .iter()
+                .collect::<Result<_, _>>()
+                .map_err(map_err(SLOTS, "iterate"))?,
+            backends: self
+                .backends
+                .iter()
+                .collect::<Result<_, _>>()
+                .map_err(map_err(BACKENDS4, "iterate"))?,
+        })
+    }
+
+    fn reset_filter(&mut self, counts: &StdHashMap<u32, u32>) -> Result<(), WriteError> {
+        for slot in 0..REPLY_FILTER_SIZE {
+            let want = counts.get(&slot).copied().unwrap_or(0);
+            let have = self
+                .filter
+                .get(&slot, 0)
+                .map_err(map_err(REPLY_FILTER, "get"))?;
+            if have != want {
+                self.filter
+                    .set(slot, want, 0)
+                    .map_err(map_err(REPLY_FILTER, "set"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads the per-CPU outcome counters, summed over CPUs.
+pub struct StatsReader {
+    stats: PerCpuArray<MapData, u64>,
+}
+
+impl StatsReader {
+    pub fn take(dp: &mut Datapath) -> Result<Self, OpenError> {
+        Ok(Self {
+            stats: PerCpuArray::try_from(dp.take_map(STATS)?)?,
+        })
+    }
+
+    pub fn read(&self) -> Result<[u64; STAT_COUNT as usize], MapError> {
+        let mut out = [0u64; STAT_COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            *slot = self.stats.get(&(i as u32), 0)?.iter().sum();
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,14 @@
+//! svcproxy: a Kubernetes Service load balancer on an eBPF datapath.
+//!
+//! Data flows one way: sources (manifest directory) -> [`planner`] (pure: objects -> [`desired`]
+//! state) -> [`writer`] (the only code that changes the maps, through [`kernel_maps`]) -> kernel.
+//! [`loader`] loads, pins and attaches the programs; [`run`] ties it together.
+
+pub mod desired;
+pub mod iface;
+pub mod kernel_maps;
+pub mod loader;
+pub mod manifest;
+pub mod planner;
+pub mod run;
+pub mod writer;

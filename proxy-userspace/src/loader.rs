@@ -1,0 +1,346 @@
+//! Loading the datapath: the embedded eBPF object, its maps pinned under the pin path (adopted
+//! when already there, so a restart keeps every flow), and program attachment to interfaces.
+
+use std::{
+    collections::BTreeMap,
+    fs, io,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::MapInfo,
+    programs::{
+        SchedClassifier, TcAttachType, TestRun, TestRunOptions, TestRunResult, Xdp, XdpMode,
+        tc::SchedClassifierLinkId, xdp::XdpLinkId,
+    },
+};
+use proxy_common::{
+    backend::{BACKENDS4, Backend4, DEFAULT_BACKENDS, REPLY_FILTER, REPLY_FILTER_SIZE},
+    conntrack::{CT4, CtEntry4, CtKey4, DEFAULT_CT},
+    service::{
+        DEFAULT_FRONTENDS, DEFAULT_SLOTS, FRONTENDS4, Frontend4Key, SLOTS, Service4, Slot, SlotKey,
+    },
+    stats::{STAT_COUNT, STATS},
+};
+use thiserror::Error;
+
+/// The eBPF object built from `proxy-ebpf` by build.rs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
+
+const TC_PROGRAM: &str = "svcproxy_tc";
+const XDP_PROGRAM: &str = "svcproxy_xdp";
+
+/// Which kernel hook carries the datapath on an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Hook {
+    /// tc ingress (tcx): right for veths and other virtual devices.
+    Tc,
+    /// XDP: right for NICs with a native driver; slow on veth (it copies every packet).
+    Xdp,
+}
+
+/// Map sizes, set at load time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    pub frontends: u32,
+    pub slots: u32,
+    pub backends: u32,
+    pub conntrack: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            frontends: DEFAULT_FRONTENDS,
+            slots: DEFAULT_SLOTS,
+            backends: DEFAULT_BACKENDS,
+            conntrack: DEFAULT_CT,
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum LoadError {
+    #[error("this svcproxy binary was built without its eBPF object (AYA_BUILD_SKIP); rebuild it")]
+    NoObject,
+    #[error("{path} is not on a bpf filesystem; mount one with `mount -t bpf bpf /sys/fs/bpf`")]
+    NotBpffs { path: PathBuf },
+    #[error("cannot create pin directory {path}: {source}")]
+    PinDir { path: PathBuf, source: io::Error },
+    #[error(
+        "pinned map {path} has {what} {found}, this build expects {expected}; it was written by \
+         an incompatible svcproxy (layout version {layout}) or with other map sizes: remove the \
+         pins (`rm -r {dir}`) to start over, which drops live flows"
+    )]
+    IncompatiblePin {
+        path: PathBuf,
+        dir: PathBuf,
+        what: &'static str,
+        found: u32,
+        expected: u32,
+        layout: u32,
+    },
+    #[error("cannot inspect pinned map {path}: {source}")]
+    PinInfo {
+        path: PathBuf,
+        source: aya::maps::MapError,
+    },
+    #[error("loading the eBPF object failed: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program {name} failed: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("map {name} is missing from the eBPF object")]
+    MissingMap { name: &'static str },
+    #[error("attaching {hook:?} to {iface} failed: {source}{hint}")]
+    Attach {
+        iface: String,
+        hook: Hook,
+        source: aya::programs::ProgramError,
+        hint: &'static str,
+    },
+}
+
+/// Where a program is attached, so it can be detached cleanly.
+enum Attachment {
+    Tc(SchedClassifierLinkId),
+    Xdp(XdpLinkId),
+}
+
+/// The loaded programs and (pinned) maps.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    attached: BTreeMap<String, Attachment>,
+    _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
+/// Names, key/value sizes and max entries of every map, for pin compatibility checks.
+fn map_specs(sizes: &MapSizes) -> [(&'static str, u32, u32, u32); 6] {
+    [
+        (
+            FRONTENDS4,
+            size_of::<Frontend4Key>() as u32,
+            size_of::<Service4>() as u32,
+            sizes.frontends,
+        ),
+        (
+            SLOTS,
+            size_of::<SlotKey>() as u32,
+            size_of::<Slot>() as u32,
+            sizes.slots,
+        ),
+        (BACKENDS4, 4, size_of::<Backend4>() as u32, sizes.backends),
+        (
+            CT4,
+            size_of::<CtKey4>() as u32,
+            size_of::<CtEntry4>() as u32,
+            sizes.conntrack,
+        ),
+        (REPLY_FILTER, 4, 4, REPLY_FILTER_SIZE),
+        (STATS, 4, 8, STAT_COUNT),
+    ]
+}
+
+impl Datapath {
+    /// Loads the programs and creates or adopts the maps pinned in `pin_dir`.
+    pub fn load(pin_dir: &Path, sizes: &MapSizes) -> Result<Self, LoadError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(LoadError::NoObject);
+        }
+        prepare_pin_dir(pin_dir)?;
+        let specs = map_specs(sizes);
+        check_pins(pin_dir, &specs)?;
+        let paths: Vec<(&'static str, PathBuf)> = specs
+            .iter()
+            .map(|(name, ..)| (*name, pin_dir.join(name)))
+            .collect();
+        let mut loader = EbpfLoader::new();
+        for (name, _, _, max) in &specs {
+            loader.map_max_entries(name, *max);
+        }
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => Some(logger),
+            // The object only logs on rare error paths; without log statements there is no
+            // log map, which is fine.
+            Err(e) => {
+                tracing::debug!("eBPF logger not initialised: {e}");
+                None
+            }
+        };
+        let tc: &mut SchedClassifier = program(&mut ebpf, TC_PROGRAM)?;
+        tc.load().map_err(|source| LoadError::Program {
+            name: TC_PROGRAM,
+            source,
+        })?;
+        let xdp: &mut Xdp = program(&mut ebpf, XDP_PROGRAM)?;
+        xdp.load().map_err(|source| LoadError::Program {
+            name: XDP_PROGRAM,
+            source,
+        })?;
+        Ok(Self {
+            ebpf,
+            pin_dir: pin_dir.to_owned(),
+            attached: BTreeMap::new(),
+            _logger: logger,
+        })
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Takes a map out of the object (for the map writer or stats reader).
+    pub fn take_map(&mut self, name: &'static str) -> Result<aya::maps::Map, LoadError> {
+        self.ebpf
+            .take_map(name)
+            .ok_or(LoadError::MissingMap { name })
+    }
+
+    /// Attaches the datapath to `iface` with `hook`. Attaching twice is a no-op.
+    pub fn attach(&mut self, iface: &str, hook: Hook) -> Result<(), LoadError> {
+        if self.attached.contains_key(iface) {
+            return Ok(());
+        }
+        let attachment = match hook {
+            Hook::Tc => {
+                let tc: &mut SchedClassifier = program(&mut self.ebpf, TC_PROGRAM)?;
+                tc.attach(iface, TcAttachType::Ingress)
+                    .map(Attachment::Tc)
+                    .map_err(|source| LoadError::Attach {
+                        iface: iface.to_owned(),
+                        hook,
+                        source,
+                        hint: " (tcx needs kernel >= 6.6; older kernels need a clsact qdisc)",
+                    })?
+            }
+            Hook::Xdp => {
+                let xdp: &mut Xdp = program(&mut self.ebpf, XDP_PROGRAM)?;
+                xdp.attach(iface, XdpMode::Default)
+                    .map(Attachment::Xdp)
+                    .map_err(|source| LoadError::Attach {
+                        iface: iface.to_owned(),
+                        hook,
+                        source,
+                        hint: " (if the driver lacks native XDP, use --hook tc)",
+                    })?
+            }
+        };
+        tracing::info!(iface, ?hook, "attached");
+        self.attached.insert(iface.to_owned(), attachment);
+        Ok(())
+    }
+
+    /// Runs one of the programs on a packet with BPF_PROG_TEST_RUN (tests and benchmarks).
+    pub fn test_run(
+        &mut self,
+        hook: Hook,
+        opts: TestRunOptions<'_>,
+    ) -> Result<TestRunResult, LoadError> {
+        let res = match hook {
+            Hook::Tc => program::<SchedClassifier>(&mut self.ebpf, TC_PROGRAM)?.test_run(opts),
+            Hook::Xdp => program::<Xdp>(&mut self.ebpf, XDP_PROGRAM)?.test_run(opts),
+        };
+        res.map_err(|source| LoadError::Program {
+            name: match hook {
+                Hook::Tc => TC_PROGRAM,
+                Hook::Xdp => XDP_PROGRAM,
+            },
+            source,
+        })
+    }
+
+    /// Detaches from every interface. Maps stay pinned so a restart adopts them.
+    pub fn detach_all(&mut self) {
+        for (iface, attachment) in std::mem::take(&mut self.attached) {
+            let res = match attachment {
+                Attachment::Tc(id) => program::<SchedClassifier>(&mut self.ebpf, TC_PROGRAM)
+                    .map(|p| p.detach(id).map_err(|e| e.to_string())),
+                Attachment::Xdp(id) => program::<Xdp>(&mut self.ebpf, XDP_PROGRAM)
+                    .map(|p| p.detach(id).map_err(|e| e.to_string())),
+            };
+            match res {
+                Ok(Ok(())) => tracing::info!(iface, "detached"),
+                // The interface may be gone already (pod deleted): nothing left to detach.
+                Ok(Err(e)) => tracing::debug!(iface, "detach: {e}"),
+                Err(e) => tracing::warn!(iface, "detach: {e}"),
+            }
+        }
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, LoadError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog = ebpf.program_mut(name).ok_or(LoadError::Program {
+        name,
+        source: aya::programs::ProgramError::NotLoaded,
+    })?;
+    prog.try_into()
+        .map_err(|source| LoadError::Program { name, source })
+}
+
+/// The pin directory must be on bpffs and readable by root only (pins hold live state).
+fn prepare_pin_dir(dir: &Path) -> Result<(), LoadError> {
+    let pin_err = |source| LoadError::PinDir {
+        path: dir.to_owned(),
+        source,
+    };
+    fs::create_dir_all(dir).map_err(pin_err)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(pin_err)?;
+    let c_path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|e| pin_err(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+    // SAFETY: statfs on a NUL-terminated path into a zeroed, properly sized struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c_path.as_ptr(), &mut st) } != 0 {
+        return Err(pin_err(io::Error::last_os_error()));
+    }
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    if st.f_type as i64 != BPF_FS_MAGIC {
+        return Err(LoadError::NotBpffs {
+            path: dir.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Refuses pinned maps whose layout or size differs from this build's: adopting them would
+/// misread every entry.
+fn check_pins(dir: &Path, specs: &[(&'static str, u32, u32, u32)]) -> Result<(), LoadError> {
+    for (name, key, value, max) in specs {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path).map_err(|source| LoadError::PinInfo {
+            path: path.clone(),
+            source,
+        })?;
+        for (what, found, expected) in [
+            ("key size", info.key_size(), *key),
+            ("value size", info.value_size(), *value),
+            ("max entries", info.max_entries(), *max),
+        ] {
+            if found != expected {
+                return Err(LoadError::IncompatiblePin {
+                    path,
+                    dir: dir.to_owned(),
+                    what,
+                    found,
+                    expected,
+                    layout: proxy_common::LAYOUT_VERSION,
+                });
+            }
+        }
+    }
+    Ok(())
+}
