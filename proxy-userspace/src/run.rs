@@ -85,8 +85,12 @@ async fn sync_loop(dp: &mut Datapath, opts: &RunOptions) -> anyhow::Result<()> {
                 continue;
             }
         };
+        // The errors name their file; a bad file is skipped whole, the rest applies.
         for err in &set.errors {
-            tracing::warn!("skipped {}: {}", err.path.display(), err.reason);
+            tracing::warn!("skipped file: {err}");
+        }
+        for warning in &set.warnings {
+            tracing::warn!("{warning}");
         }
         let desired = planner::plan(&PlanInput {
             services: &set.services,
@@ -99,6 +103,10 @@ async fn sync_loop(dp: &mut Datapath, opts: &RunOptions) -> anyhow::Result<()> {
         }
         let stats = writer.apply(&desired);
         failed = stats.failed > 0;
+        if stats.frontends_written + stats.frontends_removed + stats.failed == 0 {
+            tracing::debug!(frontends = desired.frontends.len(), "no change");
+            continue;
+        }
         tracing::info!(
             frontends = desired.frontends.len(),
             written = stats.frontends_written,

@@ -1,0 +1,1742 @@
+//! The planner: Services and EndpointSlices in, the [`Desired`] datapath state out.
+//!
+//! One pure function ([`plan`]): no I/O, no clock, no randomness, and the output does not depend
+//! on the order of the input slices, so equal inputs give equal outputs, a replayed or
+//! out-of-order event is harmless, and every rule below is checked by a table test. The rules are
+//! kube-proxy's (`pkg/proxy/endpointslicecache.go`, `pkg/proxy/topology.go`), and where the
+//! datapath needs more caution (hostile addresses, octal-looking IPs) the object is refused with
+//! a [`Rejection`] rather than skipped silently.
+//!
+//! Only IPv4 ClusterIP frontends are produced today. NodePort, externalIPs and load-balancer
+//! frontends slot in as further [`FrontendSource`]s, each with its traffic policy.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet, btree_map::Entry},
+    net::{Ipv4Addr, Ipv6Addr},
+};
+
+use k8s_openapi::api::{
+    core::v1::Service,
+    discovery::v1::{Endpoint, EndpointSlice},
+};
+use thiserror::Error;
+
+use crate::desired::{
+    Backend, BackendState, Desired, Frontend, FrontendState, Protocol, Rejection, ServiceName,
+};
+
+/// Services carrying this label belong to another proxy (any value, unless it equals
+/// [`PlanOptions::service_proxy_name`]).
+pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+/// EndpointSlices of headless Services: no virtual IP to serve.
+pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+/// Joins an EndpointSlice to its Service (same namespace).
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// The legacy way a Service asks for topology-aware routing ("Auto"/"auto").
+pub const ANNOTATION_TOPOLOGY_MODE: &str = "service.kubernetes.io/topology-mode";
+/// Namespace of an object that names none (only hand-written objects lack one).
+const DEFAULT_NAMESPACE: &str = "default";
+
+/// The node this proxy runs on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// `metadata.name` of the Node, compared with endpoints' `nodeName`.
+    pub name: String,
+    /// The Node's `topology.kubernetes.io/zone` label.
+    pub zone: Option<String>,
+}
+
+/// Operator choices that change planning.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PlanOptions {
+    /// Reserved: Services labelled [`LABEL_SERVICE_PROXY_NAME`] are ignored unless the label
+    /// equals this. `None` (kube-proxy's behaviour) ignores every labelled Service.
+    pub service_proxy_name: Option<String>,
+}
+
+/// Everything [`plan`] reads.
+#[derive(Clone, Copy, Debug)]
+pub struct PlanInput<'a> {
+    pub services: &'a [Service],
+    pub slices: &'a [EndpointSlice],
+    pub node: &'a NodeInfo,
+    pub options: &'a PlanOptions,
+}
+
+/// Why the planner refused an object or part of one; the text of [`Rejection::reason`].
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+pub enum PlanError {
+    #[error("metadata.name is missing; the object is ignored until it has one")]
+    MissingName,
+    #[error(
+        "{field} {value:?} has a leading zero, which some parsers read as octal (CVE-2021-29923); \
+         write it without leading zeros"
+    )]
+    LeadingZeroIp { field: &'static str, value: String },
+    #[error("{field} {value:?} is not an IP address; fix the object")]
+    UnparseableIp { field: &'static str, value: String },
+    #[error("{field} {addr} is a {class} address, which can never be a Service address")]
+    SpecialFrontendIp {
+        field: &'static str,
+        addr: Ipv4Addr,
+        class: &'static str,
+    },
+    #[error(
+        "endpoint address {addr} is a {class} address; refused so that a slice cannot send \
+         Service traffic to the node itself (CVE-2021-25737)"
+    )]
+    HostileEndpoint { addr: Ipv4Addr, class: &'static str },
+    #[error(
+        "endpoint address {addr} is the ClusterIP of a Service; refused so that Service traffic \
+         cannot be looped through another Service"
+    )]
+    EndpointIsClusterIp { addr: Ipv4Addr },
+    #[error("port {name:?} has number {number}, outside 1-65535; fix the object")]
+    PortOutOfRange { name: String, number: i32 },
+    #[error("port {name:?} has protocol {protocol:?}; only TCP, UDP and SCTP are proxied")]
+    UnknownProtocol { name: String, protocol: String },
+    #[error(
+        "frontend {frontend} is already served by the older Service {owner}; this Service does \
+         not get it until one of them changes"
+    )]
+    FrontendConflict {
+        frontend: Frontend,
+        owner: ServiceName,
+    },
+    #[error(
+        "frontend {frontend} is declared twice (ports {first:?} and {second:?}); keeping {first:?}"
+    )]
+    DuplicateFrontend {
+        frontend: Frontend,
+        first: String,
+        second: String,
+    },
+}
+
+/// The `sessionAffinity: ClientIP` timeout of `svc` in seconds, or `None` without affinity:
+/// `sessionAffinityConfig.clientIP.timeoutSeconds`, defaulting to 10800 and held to 1..=86400
+/// as the API validates it. [`Desired`] has no place for it yet; the map writer needs it for
+/// session affinity.
+pub fn client_ip_affinity_timeout(svc: &Service) -> Option<u32> {
+    const DEFAULT_SECONDS: u32 = 10_800;
+    const MAX_SECONDS: u32 = 86_400;
+    let spec = svc.spec.as_ref()?;
+    if spec.session_affinity.as_deref() != Some("ClientIP") {
+        return None;
+    }
+    let configured = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds);
+    // Out-of-range values cannot pass API validation; a hand-written one gets the default
+    // (zero or negative) or the maximum (too large) rather than no affinity.
+    Some(
+        configured
+            .and_then(|s| u32::try_from(s).ok())
+            .filter(|&s| s > 0)
+            .map_or(DEFAULT_SECONDS, |s| s.min(MAX_SECONDS)),
+    )
+}
+
+/// Computes the desired datapath state. Never fails: whatever cannot be served is listed in
+/// [`Desired::rejections`] and everything else is planned.
+pub fn plan(input: &PlanInput<'_>) -> Desired {
+    let mut planner = Planner {
+        node: input.node,
+        cluster_ips: all_cluster_ips(input.services),
+        out: Desired::default(),
+    };
+    let slices = slices_by_service(input.slices);
+
+    // Oldest first, so that when two Services claim one frontend the older keeps it.
+    let mut services: Vec<&Service> = input.services.iter().collect();
+    services.sort_by_cached_key(|svc| {
+        let meta = &svc.metadata;
+        // A Service without a creation time (hand-written) counts as newest, so it never takes a
+        // frontend from one the API server has admitted.
+        (
+            meta.creation_timestamp.is_none(),
+            meta.creation_timestamp.clone(),
+            namespace_of(meta.namespace.as_deref()).to_owned(),
+            meta.name.clone(),
+        )
+    });
+    for svc in services {
+        planner.service(svc, input.options, &slices);
+    }
+    planner.out
+}
+
+struct Planner<'a> {
+    node: &'a NodeInfo,
+    /// Every IPv4 ClusterIP of every Service, which no endpoint may be.
+    cluster_ips: HashSet<Ipv4Addr>,
+    out: Desired,
+}
+
+/// Where a frontend address comes from; each source has its traffic policy. Only ClusterIP
+/// exists today; externalIPs, load-balancer IPs and NodePorts add variants here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FrontendSource {
+    ClusterIp,
+}
+
+/// One `spec.ports` entry.
+struct ServicePortSpec {
+    name: String,
+    port: u16,
+    protocol: Protocol,
+}
+
+impl Planner<'_> {
+    fn service(
+        &mut self,
+        svc: &Service,
+        options: &PlanOptions,
+        slices: &HashMap<(&str, &str), Vec<&EndpointSlice>>,
+    ) {
+        let namespace = namespace_of(svc.metadata.namespace.as_deref());
+        let Some(name) = svc.metadata.name.as_deref().filter(|n| !n.is_empty()) else {
+            self.reject_service(namespace, "<unnamed>", PlanError::MissingName);
+            return;
+        };
+        let Some(spec) = svc.spec.as_ref() else {
+            return;
+        };
+        if let Some(label) = label(&svc.metadata.labels, LABEL_SERVICE_PROXY_NAME)
+            && options.service_proxy_name.as_deref() != Some(label)
+        {
+            return;
+        }
+        if spec.type_.as_deref() == Some("ExternalName") || is_headless(svc) {
+            return;
+        }
+        let service = ServiceName {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        };
+
+        let addrs = self.cluster_ipv4s(svc, &service);
+        let ports = self.service_ports(svc, &service);
+        if addrs.is_empty() || ports.is_empty() {
+            return;
+        }
+
+        let empty = Vec::new();
+        let service_slices = slices.get(&(namespace, name)).unwrap_or(&empty);
+        let parsed: Vec<ParsedSlice<'_>> = service_slices
+            .iter()
+            .map(|slice| self.parse_slice(slice))
+            .collect();
+
+        let source = FrontendSource::ClusterIp;
+        let policy = traffic_policy(svc, source);
+        for port in &ports {
+            let candidates = merge_endpoints(&parsed, &port.name, port.protocol);
+            let backends = select_backends(&candidates, policy, self.node);
+            for &addr in &addrs {
+                let frontend = Frontend {
+                    addr,
+                    port: port.port,
+                    protocol: port.protocol,
+                };
+                self.add_frontend(frontend, &service, &port.name, &backends);
+            }
+        }
+    }
+
+    fn add_frontend(
+        &mut self,
+        frontend: Frontend,
+        service: &ServiceName,
+        port_name: &str,
+        backends: &[Backend],
+    ) {
+        let error = match self.out.frontends.entry(frontend) {
+            Entry::Vacant(slot) => {
+                slot.insert(FrontendState {
+                    service: service.clone(),
+                    port_name: port_name.to_owned(),
+                    backends: backends.to_vec(),
+                });
+                return;
+            }
+            Entry::Occupied(held) if held.get().service == *service => {
+                PlanError::DuplicateFrontend {
+                    frontend,
+                    first: held.get().port_name.clone(),
+                    second: port_name.to_owned(),
+                }
+            }
+            Entry::Occupied(held) => PlanError::FrontendConflict {
+                frontend,
+                owner: held.get().service.clone(),
+            },
+        };
+        self.reject_service(&service.namespace, &service.name, error);
+    }
+
+    /// The IPv4 ClusterIPs of `svc`, refusing bad literals and skipping other families.
+    fn cluster_ipv4s(&mut self, svc: &Service, service: &ServiceName) -> Vec<Ipv4Addr> {
+        let mut addrs = Vec::new();
+        for value in cluster_ip_strings(svc) {
+            let error = match parse_ip(value) {
+                ParsedIp::V4(addr) => match special_class(addr) {
+                    None => {
+                        addrs.push(addr);
+                        continue;
+                    }
+                    Some(class) => PlanError::SpecialFrontendIp {
+                        field: "spec.clusterIPs",
+                        addr,
+                        class,
+                    },
+                },
+                // The other family: served by another datapath, not an error.
+                ParsedIp::V6 => continue,
+                ParsedIp::LeadingZero => PlanError::LeadingZeroIp {
+                    field: "spec.clusterIPs",
+                    value: value.to_owned(),
+                },
+                ParsedIp::Invalid => PlanError::UnparseableIp {
+                    field: "spec.clusterIPs",
+                    value: value.to_owned(),
+                },
+            };
+            self.reject_service(&service.namespace, &service.name, error);
+        }
+        addrs
+    }
+
+    fn service_ports(&mut self, svc: &Service, service: &ServiceName) -> Vec<ServicePortSpec> {
+        let ports = svc.spec.as_ref().and_then(|s| s.ports.as_deref());
+        let mut out = Vec::new();
+        for port in ports.unwrap_or_default() {
+            let name = port.name.clone().unwrap_or_default();
+            let Some(protocol) = Protocol::from_k8s(port.protocol.as_deref()) else {
+                let protocol = port.protocol.clone().unwrap_or_default();
+                self.reject_service(
+                    &service.namespace,
+                    &service.name,
+                    PlanError::UnknownProtocol { name, protocol },
+                );
+                continue;
+            };
+            match u16::try_from(port.port).ok().filter(|&p| p != 0) {
+                Some(number) => out.push(ServicePortSpec {
+                    name,
+                    port: number,
+                    protocol,
+                }),
+                None => self.reject_service(
+                    &service.namespace,
+                    &service.name,
+                    PlanError::PortOutOfRange {
+                        name,
+                        number: port.port,
+                    },
+                ),
+            }
+        }
+        out
+    }
+
+    /// Reads one slice once (not once per Service port), refusing its bad ports and addresses.
+    fn parse_slice<'s>(&mut self, slice: &'s EndpointSlice) -> ParsedSlice<'s> {
+        let namespace = namespace_of(slice.metadata.namespace.as_deref());
+        let name = slice.metadata.name.as_deref().unwrap_or("<unnamed>");
+        let mut ports = HashMap::new();
+        for port in slice.ports.iter().flatten() {
+            let Some(protocol) = Protocol::from_k8s(port.protocol.as_deref()) else {
+                // No Service port can have this protocol (they are refused), so nothing joins it.
+                continue;
+            };
+            let port_name = port.name.as_deref().unwrap_or_default();
+            let number = match port.port {
+                // No port: usable by nothing (kube-proxy's "all ports" is not implemented there
+                // either).
+                None => None,
+                Some(number) => match u16::try_from(number).ok().filter(|&p| p != 0) {
+                    Some(number) => Some(number),
+                    None => {
+                        self.reject(
+                            "EndpointSlice",
+                            namespace,
+                            name,
+                            PlanError::PortOutOfRange {
+                                name: port_name.to_owned(),
+                                number,
+                            },
+                        );
+                        None
+                    }
+                },
+            };
+            // The first entry of a name and protocol wins, as the API forbids repeats anyway.
+            ports.entry((port_name, protocol)).or_insert(number);
+        }
+        let mut endpoints = Vec::with_capacity(slice.endpoints.as_ref().map_or(0, Vec::len));
+        for endpoint in slice.endpoints.iter().flatten() {
+            // kube-proxy uses the first address; the API says all addresses are fungible.
+            let Some(value) = endpoint.addresses.first() else {
+                continue;
+            };
+            let error = match parse_ip(value) {
+                ParsedIp::V4(addr) => match special_class(addr) {
+                    Some(class) => PlanError::HostileEndpoint { addr, class },
+                    None if self.cluster_ips.contains(&addr) => {
+                        PlanError::EndpointIsClusterIp { addr }
+                    }
+                    None => {
+                        endpoints.push(ParsedEndpoint::new(addr, endpoint));
+                        continue;
+                    }
+                },
+                ParsedIp::LeadingZero => PlanError::LeadingZeroIp {
+                    field: "endpoint address",
+                    value: value.to_owned(),
+                },
+                // An IPv6 address in an IPv4 slice is as broken as garbage.
+                ParsedIp::V6 | ParsedIp::Invalid => PlanError::UnparseableIp {
+                    field: "endpoint address",
+                    value: value.to_owned(),
+                },
+            };
+            self.reject("EndpointSlice", namespace, name, error);
+        }
+        ParsedSlice { ports, endpoints }
+    }
+
+    fn reject_service(&mut self, namespace: &str, name: &str, error: PlanError) {
+        self.reject("Service", namespace, name, error);
+    }
+
+    fn reject(&mut self, kind: &str, namespace: &str, name: &str, error: PlanError) {
+        self.out.rejections.push(Rejection {
+            object: format!("{kind} {namespace}/{name}"),
+            reason: error.to_string(),
+        });
+    }
+}
+
+fn namespace_of(namespace: Option<&str>) -> &str {
+    namespace
+        .filter(|n| !n.is_empty())
+        .unwrap_or(DEFAULT_NAMESPACE)
+}
+
+fn label<'m>(labels: &'m Option<BTreeMap<String, String>>, key: &str) -> Option<&'m str> {
+    labels.as_ref()?.get(key).map(String::as_str)
+}
+
+fn is_headless(svc: &Service) -> bool {
+    let Some(spec) = svc.spec.as_ref() else {
+        return false;
+    };
+    spec.cluster_ip.as_deref() == Some("None")
+        || spec.cluster_ips.iter().flatten().any(|ip| ip == "None")
+}
+
+/// `spec.clusterIPs`, or the legacy `spec.clusterIP` only when the list is empty (objects written
+/// before dual-stack, or by hand).
+fn cluster_ip_strings(svc: &Service) -> Vec<&str> {
+    let Some(spec) = svc.spec.as_ref() else {
+        return Vec::new();
+    };
+    match spec.cluster_ips.as_deref() {
+        Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+        _ => spec
+            .cluster_ip
+            .as_deref()
+            .filter(|ip| !ip.is_empty())
+            .into_iter()
+            .collect(),
+    }
+}
+
+fn all_cluster_ips(services: &[Service]) -> HashSet<Ipv4Addr> {
+    services
+        .iter()
+        .flat_map(cluster_ip_strings)
+        .filter_map(|value| match parse_ip(value) {
+            ParsedIp::V4(addr) => Some(addr),
+            _ => None,
+        })
+        .collect()
+}
+
+/// EndpointSlices usable by this datapath, by (namespace, Service name), each list sorted by
+/// slice name so the result never depends on input order.
+fn slices_by_service(slices: &[EndpointSlice]) -> HashMap<(&str, &str), Vec<&EndpointSlice>> {
+    let mut by_service: HashMap<_, Vec<&EndpointSlice>> = HashMap::new();
+    for slice in slices {
+        let labels = &slice.metadata.labels;
+        if label(labels, LABEL_HEADLESS).is_some() || slice.address_type != "IPv4" {
+            continue;
+        }
+        let Some(service) = label(labels, LABEL_SERVICE_NAME).filter(|s| !s.is_empty()) else {
+            continue;
+        };
+        let namespace = namespace_of(slice.metadata.namespace.as_deref());
+        by_service
+            .entry((namespace, service))
+            .or_default()
+            .push(slice);
+    }
+    for list in by_service.values_mut() {
+        list.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    }
+    by_service
+}
+
+enum ParsedIp {
+    V4(Ipv4Addr),
+    V6,
+    LeadingZero,
+    Invalid,
+}
+
+/// Strict parse: IPv4 dotted-quad in decimal only. Anything with a colon is IPv6, including
+/// IPv4-mapped addresses (`::ffff:10.0.0.1`), which are not IPv4 frontends.
+fn parse_ip(value: &str) -> ParsedIp {
+    if value.contains(':') {
+        return match value.parse::<Ipv6Addr>() {
+            Ok(_) => ParsedIp::V6,
+            Err(_) => ParsedIp::Invalid,
+        };
+    }
+    let octets: Vec<&str> = value.split('.').collect();
+    let looks_dotted = octets.len() == 4
+        && octets
+            .iter()
+            .all(|o| !o.is_empty() && o.bytes().all(|b| b.is_ascii_digit()));
+    if looks_dotted && octets.iter().any(|o| o.len() > 1 && o.starts_with('0')) {
+        return ParsedIp::LeadingZero;
+    }
+    // std's parser is strict already (no octal, no short forms); the check above only makes the
+    // message say why.
+    match value.parse::<Ipv4Addr>() {
+        Ok(addr) => ParsedIp::V4(addr),
+        Err(_) => ParsedIp::Invalid,
+    }
+}
+
+/// Addresses that are never a Service or Pod address: traffic to them would reach the node
+/// itself or nobody.
+fn special_class(addr: Ipv4Addr) -> Option<&'static str> {
+    if addr.octets()[0] == 0 {
+        Some("unspecified (0.0.0.0/8)")
+    } else if addr.is_loopback() {
+        Some("loopback (127.0.0.0/8)")
+    } else if addr.is_link_local() {
+        Some("link-local (169.254.0.0/16)")
+    } else if addr.is_multicast() {
+        Some("multicast (224.0.0.0/4)")
+    } else if addr.is_broadcast() {
+        Some("broadcast")
+    } else {
+        None
+    }
+}
+
+/// What the planner needs of one slice.
+struct ParsedSlice<'s> {
+    /// Port number by (name, protocol); `None` when the slice port has no usable number.
+    ports: HashMap<(&'s str, Protocol), Option<u16>>,
+    endpoints: Vec<ParsedEndpoint<'s>>,
+}
+
+#[derive(Clone, Debug)]
+struct ParsedEndpoint<'s> {
+    addr: Ipv4Addr,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+    node_name: Option<&'s str>,
+    zone_hints: Vec<&'s str>,
+}
+
+impl<'s> ParsedEndpoint<'s> {
+    fn new(addr: Ipv4Addr, endpoint: &'s Endpoint) -> Self {
+        let conditions = endpoint.conditions.as_ref();
+        // The API's defaults: unset ready/serving mean true, unset terminating means false.
+        Self {
+            addr,
+            ready: conditions.and_then(|c| c.ready).unwrap_or(true),
+            serving: conditions.and_then(|c| c.serving).unwrap_or(true),
+            terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+            node_name: endpoint.node_name.as_deref(),
+            zone_hints: endpoint
+                .hints
+                .iter()
+                .flat_map(|h| h.for_zones.iter().flatten())
+                .map(|z| z.name.as_str())
+                .collect(),
+        }
+    }
+
+    /// Which copy of a duplicated address to keep: ready first, then not terminating, then
+    /// serving.
+    fn preference(&self) -> (bool, bool, bool) {
+        (self.ready, !self.terminating, self.serving)
+    }
+}
+
+/// One endpoint for one Service port.
+struct Candidate<'p, 's> {
+    endpoint: &'p ParsedEndpoint<'s>,
+    port: u16,
+}
+
+/// All endpoints of one Service port across the Service's slices, one per address (the
+/// preferred copy, the first slice by name among equals), sorted by address. Each endpoint takes
+/// the port number of its own slice, since slices may disagree during a rollout.
+fn merge_endpoints<'p, 's>(
+    slices: &'p [ParsedSlice<'s>],
+    port_name: &str,
+    protocol: Protocol,
+) -> Vec<Candidate<'p, 's>> {
+    let mut by_addr: HashMap<Ipv4Addr, Candidate<'p, 's>> = HashMap::new();
+    for slice in slices {
+        let Some(&Some(port)) = slice.ports.get(&(port_name, protocol)) else {
+            continue;
+        };
+        for endpoint in &slice.endpoints {
+            let candidate = Candidate { endpoint, port };
+            by_addr
+                .entry(endpoint.addr)
+                .and_modify(|held| {
+                    if endpoint.preference() > held.endpoint.preference() {
+                        *held = Candidate { endpoint, port };
+                    }
+                })
+                .or_insert(candidate);
+        }
+    }
+    let mut merged: Vec<_> = by_addr.into_values().collect();
+    merged.sort_by_key(|c| c.endpoint.addr);
+    merged
+}
+
+/// How one kind of traffic picks endpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct TrafficPolicy {
+    /// Only endpoints on this node (`internalTrafficPolicy: Local` for ClusterIP traffic).
+    local: bool,
+    /// The Service asks for topology-aware routing (used only if the hints allow it).
+    wants_topology: bool,
+}
+
+fn traffic_policy(svc: &Service, source: FrontendSource) -> TrafficPolicy {
+    let spec = svc.spec.as_ref();
+    let local = match source {
+        FrontendSource::ClusterIp => {
+            spec.and_then(|s| s.internal_traffic_policy.as_deref()) == Some("Local")
+        }
+    };
+    let distribution = spec.and_then(|s| s.traffic_distribution.as_deref());
+    let annotation = svc
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_TOPOLOGY_MODE))
+        .map(String::as_str);
+    TrafficPolicy {
+        local,
+        wants_topology: matches!(distribution, Some("PreferClose" | "PreferSameZone"))
+            || matches!(annotation, Some("Auto" | "auto")),
+    }
+}
+
+/// kube-proxy's `CategorizeEndpoints` for one traffic class. Active: ready endpoints (of this
+/// node for a Local policy, of this zone when topology applies); if none, the serving and
+/// terminating ones. Terminating endpoints outside the active set stay, marked, so their
+/// established flows finish; everything else is left out.
+fn select_backends(
+    candidates: &[Candidate<'_, '_>],
+    policy: TrafficPolicy,
+    node: &NodeInfo,
+) -> Vec<Backend> {
+    let on_node = |c: &Candidate<'_, '_>| {
+        !node.name.is_empty() && c.endpoint.node_name == Some(node.name.as_str())
+    };
+    let eligible = |c: &Candidate<'_, '_>| !policy.local || on_node(c);
+    // Topology narrows cluster-wide traffic only; a Local policy is narrower already.
+    let zone = (!policy.local && policy.wants_topology)
+        .then(|| topology_zone(candidates, node))
+        .flatten();
+    let in_zone = |c: &Candidate<'_, '_>| zone.is_none_or(|z| c.endpoint.zone_hints.contains(&z));
+
+    let mut active: Vec<bool> = candidates
+        .iter()
+        .map(|c| eligible(c) && c.endpoint.ready && in_zone(c))
+        .collect();
+    if !active.contains(&true) {
+        // Not filtered by topology: topology applies only when a ready endpoint is hinted for
+        // this zone, so reaching here means no ready endpoint at all.
+        active = candidates
+            .iter()
+            .map(|c| eligible(c) && c.endpoint.serving && c.endpoint.terminating)
+            .collect();
+    }
+    candidates
+        .iter()
+        .zip(active)
+        .filter_map(|(c, active)| {
+            let state = if active {
+                BackendState::Active
+            } else if c.endpoint.terminating {
+                BackendState::Terminating
+            } else {
+                return None;
+            };
+            Some(Backend {
+                addr: c.endpoint.addr,
+                port: c.port,
+                state,
+            })
+        })
+        .collect()
+}
+
+/// The zone to filter by, if topology hints are usable: some endpoint is ready, every ready one
+/// carries a zone hint, and some hint names this node's zone.
+fn topology_zone<'n>(candidates: &[Candidate<'_, '_>], node: &'n NodeInfo) -> Option<&'n str> {
+    let zone = node.zone.as_deref().filter(|z| !z.is_empty())?;
+    let mut ready = candidates.iter().filter(|c| c.endpoint.ready).peekable();
+    ready.peek()?;
+    let mut hinted_here = false;
+    for candidate in ready {
+        let hints = &candidate.endpoint.zone_hints;
+        if hints.is_empty() {
+            return None;
+        }
+        hinted_here |= hints.contains(&zone);
+    }
+    hinted_here.then_some(zone)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    // ---- object builders -------------------------------------------------------------------
+
+    /// A Service in namespace `dev` with `clusterIPs` and ports (name, port, protocol); an
+    /// empty name or protocol is left unset.
+    fn svc(name: &str, ips: &[&str], ports: &[(&str, i32, &str)]) -> Value {
+        let ports: Vec<Value> = ports
+            .iter()
+            .map(|&(port_name, port, protocol)| {
+                let mut p = json!({ "port": port });
+                if !port_name.is_empty() {
+                    p["name"] = json!(port_name);
+                }
+                if !protocol.is_empty() {
+                    p["protocol"] = json!(protocol);
+                }
+                p
+            })
+            .collect();
+        json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": { "name": name, "namespace": "dev" },
+            "spec": { "clusterIPs": ips, "ports": ports },
+        })
+    }
+
+    /// `svc` with `patch` merged in (objects merge key by key, anything else replaces).
+    fn with(mut base: Value, patch: Value) -> Value {
+        merge(&mut base, patch);
+        base
+    }
+
+    fn merge(base: &mut Value, patch: Value) {
+        match (base, patch) {
+            (Value::Object(base), Value::Object(patch)) => {
+                for (key, value) in patch {
+                    merge(base.entry(key).or_insert(Value::Null), value);
+                }
+            }
+            (base, patch) => *base = patch,
+        }
+    }
+
+    /// An endpoint; every condition unset unless set by a builder method.
+    #[derive(Clone, Default)]
+    struct Ep {
+        addr: String,
+        ready: Option<bool>,
+        serving: Option<bool>,
+        terminating: Option<bool>,
+        node: Option<String>,
+        zones: Vec<String>,
+    }
+
+    fn ep(addr: &str) -> Ep {
+        Ep {
+            addr: addr.to_owned(),
+            ..Ep::default()
+        }
+    }
+
+    impl Ep {
+        fn ready(mut self, v: bool) -> Self {
+            self.ready = Some(v);
+            self
+        }
+        fn serving(mut self, v: bool) -> Self {
+            self.serving = Some(v);
+            self
+        }
+        fn terminating(mut self, v: bool) -> Self {
+            self.terminating = Some(v);
+            self
+        }
+        /// Terminating and still serving: the shape of a pod in its grace period.
+        fn draining(self) -> Self {
+            self.ready(false).serving(true).terminating(true)
+        }
+        fn node(mut self, n: &str) -> Self {
+            self.node = Some(n.to_owned());
+            self
+        }
+        fn zones(mut self, z: &[&str]) -> Self {
+            self.zones = z.iter().map(|s| s.to_string()).collect();
+            self
+        }
+        fn json(&self) -> Value {
+            let mut e = json!({ "addresses": [self.addr] });
+            let mut conditions = serde_json::Map::new();
+            for (key, value) in [
+                ("ready", self.ready),
+                ("serving", self.serving),
+                ("terminating", self.terminating),
+            ] {
+                if let Some(v) = value {
+                    conditions.insert(key.to_owned(), json!(v));
+                }
+            }
+            if !conditions.is_empty() {
+                e["conditions"] = Value::Object(conditions);
+            }
+            if let Some(n) = &self.node {
+                e["nodeName"] = json!(n);
+            }
+            if !self.zones.is_empty() {
+                let zones: Vec<Value> = self.zones.iter().map(|z| json!({ "name": z })).collect();
+                e["hints"] = json!({ "forZones": zones });
+            }
+            e
+        }
+    }
+
+    /// An IPv4 EndpointSlice of Service `dev/<service>` with ports (name, port, protocol).
+    fn slice(name: &str, service: &str, ports: &[(&str, Option<i32>, &str)], eps: &[Ep]) -> Value {
+        let ports: Vec<Value> = ports
+            .iter()
+            .map(|&(port_name, port, protocol)| {
+                let mut p = json!({ "port": port });
+                if !port_name.is_empty() {
+                    p["name"] = json!(port_name);
+                }
+                if !protocol.is_empty() {
+                    p["protocol"] = json!(protocol);
+                }
+                p
+            })
+            .collect();
+        json!({
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": name,
+                "namespace": "dev",
+                "labels": { LABEL_SERVICE_NAME: service },
+            },
+            "addressType": "IPv4",
+            "ports": ports,
+            "endpoints": eps.iter().map(Ep::json).collect::<Vec<_>>(),
+        })
+    }
+
+    /// The common case: Service `web` on 10.96.0.10:80/TCP, slice port unnamed 8080.
+    fn web() -> Value {
+        svc("web", &["10.96.0.10"], &[("", 80, "")])
+    }
+
+    fn web_slice(name: &str, eps: &[Ep]) -> Value {
+        slice(name, "web", &[("", Some(8080), "")], eps)
+    }
+
+    fn node_a() -> NodeInfo {
+        NodeInfo {
+            name: "node-a".to_owned(),
+            zone: Some("zone-a".to_owned()),
+        }
+    }
+
+    fn run(services: &[Value], slices: &[Value], node: &NodeInfo) -> Desired {
+        let services: Vec<Service> = services
+            .iter()
+            .map(|v| {
+                serde_json::from_value(v.clone())
+                    .unwrap_or_else(|e| panic!("test Service does not deserialize: {e}: {v}"))
+            })
+            .collect();
+        let slices: Vec<EndpointSlice> = slices
+            .iter()
+            .map(|v| {
+                serde_json::from_value(v.clone())
+                    .unwrap_or_else(|e| panic!("test EndpointSlice does not deserialize: {e}: {v}"))
+            })
+            .collect();
+        plan(&PlanInput {
+            services: &services,
+            slices: &slices,
+            node,
+            options: &PlanOptions::default(),
+        })
+    }
+
+    /// One line per frontend: `10.96.0.10:80/TCP dev/web => 10.1.0.1:8080 10.1.0.2:8080(T)`.
+    fn show(desired: &Desired) -> Vec<String> {
+        desired
+            .frontends
+            .iter()
+            .map(|(frontend, state)| {
+                let backends: Vec<String> = state
+                    .backends
+                    .iter()
+                    .map(|b| match b.state {
+                        BackendState::Active => format!("{}:{}", b.addr, b.port),
+                        BackendState::Terminating => format!("{}:{}(T)", b.addr, b.port),
+                    })
+                    .collect();
+                format!("{frontend} {} => {}", state.service, backends.join(" "))
+                    .trim_end()
+                    .to_owned()
+            })
+            .collect()
+    }
+
+    fn show_rejections(desired: &Desired) -> Vec<String> {
+        desired
+            .rejections
+            .iter()
+            .map(|r| format!("{}: {}", r.object, r.reason))
+            .collect()
+    }
+
+    // ---- the table ---------------------------------------------------------------------------
+
+    struct Case {
+        name: &'static str,
+        services: Vec<Value>,
+        slices: Vec<Value>,
+        node: NodeInfo,
+        want: Vec<&'static str>,
+        /// Each rejection, as substrings of "<object>: <reason>", in order.
+        rejections: Vec<Vec<&'static str>>,
+    }
+
+    impl Default for Case {
+        fn default() -> Self {
+            Self {
+                name: "",
+                services: vec![web()],
+                slices: Vec::new(),
+                node: node_a(),
+                want: Vec::new(),
+                rejections: Vec::new(),
+            }
+        }
+    }
+
+    fn cases() -> Vec<Case> {
+        let hinted = |zone_b_ready: bool| {
+            vec![web_slice(
+                "web-1",
+                &[
+                    ep("10.1.0.1").zones(&["zone-a"]),
+                    ep("10.1.0.2").zones(&["zone-b"]).ready(zone_b_ready),
+                    ep("10.1.0.3").zones(&["zone-b"]),
+                ],
+            )]
+        };
+        let prefer_close = || {
+            with(
+                web(),
+                json!({ "spec": { "trafficDistribution": "PreferClose" } }),
+            )
+        };
+        let all_three = "10.96.0.10:80/TCP dev/web => 10.1.0.1:8080 10.1.0.2:8080 10.1.0.3:8080";
+        vec![
+            Case {
+                name: "basic ClusterIP",
+                slices: vec![web_slice("web-1", &[ep("10.1.0.2"), ep("10.1.0.1")])],
+                want: vec!["10.96.0.10:80/TCP dev/web => 10.1.0.1:8080 10.1.0.2:8080"],
+                ..Case::default()
+            },
+            Case {
+                name: "no slices: frontend with no backends, so the datapath rejects",
+                want: vec!["10.96.0.10:80/TCP dev/web =>"],
+                ..Case::default()
+            },
+            Case {
+                name: "legacy clusterIP used only when clusterIPs is empty",
+                services: vec![
+                    with(
+                        svc("a", &[], &[("", 80, "")]),
+                        json!({ "spec": { "clusterIP": "10.96.0.1" } }),
+                    ),
+                    with(
+                        svc("b", &["10.96.0.2"], &[("", 80, "")]),
+                        json!({ "spec": { "clusterIP": "10.96.0.99" } }),
+                    ),
+                ],
+                want: vec!["10.96.0.1:80/TCP dev/a =>", "10.96.0.2:80/TCP dev/b =>"],
+                ..Case::default()
+            },
+            Case {
+                name: "multi-port: named target ports, two slices with different numbers",
+                services: vec![svc(
+                    "web",
+                    &["10.96.0.10"],
+                    &[
+                        ("http", 80, "TCP"),
+                        ("dns", 53, "UDP"),
+                        ("dns-tcp", 53, "TCP"),
+                    ],
+                )],
+                slices: vec![
+                    slice(
+                        "web-new",
+                        "web",
+                        &[
+                            ("http", Some(8081), "TCP"),
+                            ("dns", Some(5353), "UDP"),
+                            ("dns-tcp", Some(5353), "TCP"),
+                        ],
+                        &[ep("10.1.0.2")],
+                    ),
+                    slice(
+                        "web-old",
+                        "web",
+                        &[("dns", Some(53), "UDP"), ("http", Some(8080), "TCP")],
+                        &[ep("10.1.0.1")],
+                    ),
+                ],
+                want: vec![
+                    "10.96.0.10:53/TCP dev/web => 10.1.0.2:5353",
+                    "10.96.0.10:53/UDP dev/web => 10.1.0.1:53 10.1.0.2:5353",
+                    "10.96.0.10:80/TCP dev/web => 10.1.0.1:8080 10.1.0.2:8081",
+                ],
+                ..Case::default()
+            },
+            Case {
+                name: "Service spread over several slices is merged; other Services' slices are not",
+                slices: vec![
+                    web_slice("web-c", &[ep("10.1.0.3")]),
+                    web_slice("web-a", &[ep("10.1.0.1")]),
+                    web_slice("web-b", &[ep("10.1.0.2")]),
+                    slice("api-1", "api", &[("", Some(8080), "")], &[ep("10.1.0.9")]),
+                    with(
+                        web_slice("web-x", &[ep("10.1.0.8")]),
+                        json!({ "metadata": { "namespace": "prod" } }),
+                    ),
+                ],
+                want: vec![all_three],
+                ..Case::default()
+            },
+            Case {
+                name: "same address in two slices: the non-terminating copy wins",
+                slices: vec![
+                    web_slice("web-a", &[ep("10.1.0.1").draining()]),
+                    web_slice("web-b", &[ep("10.1.0.1"), ep("10.1.0.2")]),
+                ],
+                want: vec!["10.96.0.10:80/TCP dev/web => 10.1.0.1:8080 10.1.0.2:8080"],
+                ..Case::default()
+            },
+            Case {
+                name: "same address in one slice twice: kept once",
+                slices: vec![web_slice(
+                    "web-a",
+                    &[ep("10.1.0.1").ready(false), ep("10.1.0.1")],
+                )],
+                want: vec!["10.96.0.10:80/TCP dev/web => 10.1.0.1:8080"],
+                ..Case::default()
+            },
+            Case {
+                name: "nil conditions mean ready, serving, not terminating",
+                slices: vec![web_slice(
+                    "web-1",
+                    &[ep("10.1.0.1"), ep("10.1.0.2").serving(false)],
+                )],
+                // ready unset = true even when serving is false: ready decides.
+                want: vec!["10.96.0.10:80/TCP dev/web => 10.1.0.1:8080 10.1.0.2:8080"],
+                ..Case::default()
+            },
+            Case {
+                name: "not ready and not terminating: left out",
+                slices: vec![web_slice(
+                    "web-1",
+                    &[ep("10.1.0.1"), ep("10.1.0.2").ready(false)],
+                )],
+                want: vec!["10.96.0.10:80/TCP dev/web => 10.1.0.1:8080"],
+                ..Case::default()
+            },
+            Case {
+                name: "no ready endpoint: fall back to serving+terminating ones",
+                slices: vec![web_slice(
+                    "web-1",
+                    &[
+                        ep("10.1.0.1").draining(),
+                        ep("10.1.0.2").ready(false).serving(false).terminating(true),
+                        ep("10.1.0.3").ready(false),
+                    ],
+                )],
+                // .2 is terminating but not serving: not active, kept for its existing flows.
+                want: vec!["10.96.0.10:80/TCP dev/web => 10.1.0.1:8080 10.1.0.2:8080(T)"],
+                ..Case::default()
+            },
+            Case {
+                name: "ready endpoints exist: terminating ones kept as Terminating",
+                slices: vec![web_slice(
+                    "web-1",
+                    &[ep("10.1.0.1"), ep("10.1.0.2").draining()],
+                )],
+                want: vec!["10.96.0.10:80/TCP dev/web => 10.1.0.1:8080 10.1.0.2:8080(T)"],
+                ..Case::default()
+            },
+            Case {
+                name: "internalTrafficPolicy Local: only this node's endpoints",
+                services: vec![with(
+                    web(),
+                    json!({ "spec": { "internalTrafficPolicy": "Local" } }),
+                )],
+                slices: vec![web_slice(
+                    "web-1",
+                    &[
+                        ep("10.1.0.1").node("node-a"),
+                        ep("10.1.0.2").node("node-b"),
+                        ep("10.1.0.3"),
+                    ],
+                )],
+                want: vec!["10.96.0.10:80/TCP dev/web => 10.1.0.1:8080"],
+                ..Case::default()
+            },
+            Case {
+                name: "internalTrafficPolicy Local without local endpoints: none (the datapath drops)",
+                services: vec![with(
+                    web(),
+                    json!({ "spec": { "internalTrafficPolicy": "Local" } }),
+                )],
+                slices: vec![web_slice("web-1", &[ep("10.1.0.2").node("node-b")])],
+                want: vec!["10.96.0.10:80/TCP dev/web =>"],
+                ..Case::default()
+            },
+            Case {
+                name: "internalTrafficPolicy Local: local serving+terminating fallback",
+                services: vec![with(
+                    web(),
+                    json!({ "spec": { "internalTrafficPolicy": "Local" } }),
+                )],
+                slices: vec![web_slice(
+                    "web-1",
+                    &[
+                        ep("10.1.0.1").node("node-a").draining(),
+                        ep("10.1.0.2").node("node-b"),
+                    ],
+                )],
+                want: vec!["10.96.0.10:80/TCP dev/web => 10.1.0.1:8080"],
+                ..Case::default()
+            },
+            Case {
+                name: "internalTrafficPolicy Local with an unnamed node never matches",
+                services: vec![with(
+                    web(),
+                    json!({ "spec": { "internalTrafficPolicy": "Local" } }),
+                )],
+                slices: vec![web_slice("web-1", &[ep("10.1.0.1").node("")])],
+                node: NodeInfo::default(),
+                want: vec!["10.96.0.10:80/TCP dev/web =>"],
+                ..Case::default()
+            },
+            Case {
+                name: "topology: PreferClose with usable hints keeps this zone",
+                services: vec![prefer_close()],
+                slices: hinted(true),
+                want: vec!["10.96.0.10:80/TCP dev/web => 10.1.0.1:8080"],
+                ..Case::default()
+            },
+            Case {
+                name: "topology: PreferSameZone is the same ask",
+                services: vec![with(
+                    web(),
+                    json!({ "spec": { "trafficDistribution": "PreferSameZone" } }),
+                )],
+                slices: hinted(true),
+                want: vec!["10.96.0.10:80/TCP dev/web => 10.1.0.1:8080"],
+                ..Case::default()
+            },
+            Case {
+                name: "topology: annotation auto is the same ask",
+                services: vec![with(
+                    web(),
+                    json!({ "metadata": { "annotations": { ANNOTATION_TOPOLOGY_MODE: "auto" } } }),
+                )],
+                slices: hinted(true),
+                want: vec!["10.96.0.10:80/TCP dev/web => 10.1.0.1:8080"],
+                ..Case::default()
+            },
+            Case {
+                name: "topology not filtered: the Service does not ask, hints or not",
+                slices: hinted(true),
+                want: vec![all_three],
+                ..Case::default()
+            },
+            Case {
+                name: "topology not filtered: annotation in another case (AUTO)",
+                services: vec![with(
+                    web(),
+                    json!({ "metadata": { "annotations": { ANNOTATION_TOPOLOGY_MODE: "AUTO" } } }),
+                )],
+                slices: hinted(true),
+                want: vec![all_three],
+                ..Case::default()
+            },
+            Case {
+                name: "topology not filtered: a ready endpoint has no hint",
+                services: vec![prefer_close()],
+                slices: vec![web_slice(
+                    "web-1",
+                    &[
+                        ep("10.1.0.1").zones(&["zone-a"]),
+                        ep("10.1.0.2"),
+                        ep("10.1.0.3").zones(&["zone-b"]),
+                    ],
+                )],
+                want: vec![all_three],
+                ..Case::default()
+            },
+            Case {
+                name: "topology: a non-ready endpoint without a hint does not matter",
+                services: vec![prefer_close()],
+                slices: vec![web_slice(
+                    "web-1",
+                    &[
+                        ep("10.1.0.1").zones(&["zone-a"]),
+                        ep("10.1.0.2").ready(false),
+                        ep("10.1.0.3").zones(&["zone-b"]),
+                    ],
+                )],
+                want: vec!["10.96.0.10:80/TCP dev/web => 10.1.0.1:8080"],
+                ..Case::default()
+            },
+            Case {
+                name: "topology not filtered: no hint names this node's zone",
+                services: vec![prefer_close()],
+                slices: hinted(true),
+                node: NodeInfo {
+                    name: "node-c".to_owned(),
+                    zone: Some("zone-c".to_owned()),
+                },
+                want: vec![all_three],
+                ..Case::default()
+            },
+            Case {
+                name: "topology not filtered: this node has no zone",
+                services: vec![prefer_close()],
+                slices: hinted(true),
+                node: NodeInfo {
+                    name: "node-a".to_owned(),
+                    zone: None,
+                },
+                want: vec![all_three],
+                ..Case::default()
+            },
+            Case {
+                name: "topology is not applied to internalTrafficPolicy Local",
+                services: vec![with(
+                    prefer_close(),
+                    json!({ "spec": { "internalTrafficPolicy": "Local" } }),
+                )],
+                slices: vec![web_slice(
+                    "web-1",
+                    &[
+                        ep("10.1.0.1").zones(&["zone-a"]).node("node-b"),
+                        ep("10.1.0.2").zones(&["zone-b"]).node("node-a"),
+                    ],
+                )],
+                want: vec!["10.96.0.10:80/TCP dev/web => 10.1.0.2:8080"],
+                ..Case::default()
+            },
+            Case {
+                name: "ignored: headless Service",
+                services: vec![with(
+                    web(),
+                    json!({ "spec": { "clusterIP": "None", "clusterIPs": ["None"] } }),
+                )],
+                slices: vec![web_slice("web-1", &[ep("10.1.0.1")])],
+                ..Case::default()
+            },
+            Case {
+                name: "ignored: ExternalName even with a clusterIP",
+                services: vec![with(
+                    web(),
+                    json!({ "spec": { "type": "ExternalName", "externalName": "example.com" } }),
+                )],
+                slices: vec![web_slice("web-1", &[ep("10.1.0.1")])],
+                ..Case::default()
+            },
+            Case {
+                name: "ignored: service-proxy-name label, any value",
+                services: vec![
+                    with(
+                        web(),
+                        json!({ "metadata": { "labels": { LABEL_SERVICE_PROXY_NAME: "other" } } }),
+                    ),
+                    with(
+                        svc("empty", &["10.96.0.11"], &[("", 80, "")]),
+                        json!({ "metadata": { "labels": { LABEL_SERVICE_PROXY_NAME: "" } } }),
+                    ),
+                ],
+                ..Case::default()
+            },
+            Case {
+                name: "ignored: headless-labelled, FQDN and IPv6 slices",
+                slices: vec![
+                    with(
+                        web_slice("web-h", &[ep("10.1.0.1")]),
+                        json!({ "metadata": { "labels": { LABEL_HEADLESS: "" } } }),
+                    ),
+                    with(
+                        web_slice("web-f", &[ep("10.1.0.2")]),
+                        json!({ "addressType": "FQDN" }),
+                    ),
+                    with(
+                        web_slice("web-6", &[ep("fd00::1")]),
+                        json!({ "addressType": "IPv6" }),
+                    ),
+                    web_slice("web-4", &[ep("10.1.0.4")]),
+                ],
+                want: vec!["10.96.0.10:80/TCP dev/web => 10.1.0.4:8080"],
+                ..Case::default()
+            },
+            Case {
+                name: "ignored: slice without the service-name label",
+                slices: vec![with(
+                    web_slice("web-1", &[ep("10.1.0.1")]),
+                    json!({ "metadata": { "labels": null } }),
+                )],
+                want: vec!["10.96.0.10:80/TCP dev/web =>"],
+                ..Case::default()
+            },
+            Case {
+                name: "dual-stack: IPv6 and IPv4-mapped IPv6 ClusterIPs skipped silently",
+                services: vec![svc(
+                    "web",
+                    &["fd00:96::10", "10.96.0.10", "::ffff:10.96.0.11"],
+                    &[("", 80, "")],
+                )],
+                want: vec!["10.96.0.10:80/TCP dev/web =>"],
+                ..Case::default()
+            },
+            Case {
+                name: "IPv6-only Service: nothing, no rejection",
+                services: vec![svc("web", &["fd00:96::10"], &[("", 80, "")])],
+                ..Case::default()
+            },
+            Case {
+                name: "leading-zero and garbage ClusterIPs refused, never read as octal",
+                services: vec![
+                    svc("web", &["010.96.0.10"], &[("", 80, "")]),
+                    svc("api", &["172.30.0.041", "10.96.0.12"], &[("", 80, "")]),
+                    svc("bad", &["10.96.0", "zz::1"], &[("", 80, "")]),
+                ],
+                want: vec!["10.96.0.12:80/TCP dev/api =>"],
+                rejections: vec![
+                    vec!["Service dev/api", "\"172.30.0.041\"", "leading zero"],
+                    vec!["Service dev/bad", "\"10.96.0\"", "not an IP"],
+                    vec!["Service dev/bad", "\"zz::1\"", "not an IP"],
+                    vec!["Service dev/web", "\"010.96.0.10\"", "leading zero"],
+                ],
+                ..Case::default()
+            },
+            Case {
+                name: "special ClusterIPs refused",
+                services: vec![svc(
+                    "web",
+                    &["127.0.0.1", "0.0.0.0", "10.96.0.10"],
+                    &[("", 80, "")],
+                )],
+                want: vec!["10.96.0.10:80/TCP dev/web =>"],
+                rejections: vec![
+                    vec!["Service dev/web", "127.0.0.1", "loopback"],
+                    vec!["Service dev/web", "0.0.0.0", "unspecified"],
+                ],
+                ..Case::default()
+            },
+            Case {
+                name: "hostile endpoint addresses refused, naming slice and address",
+                slices: vec![web_slice(
+                    "web-evil",
+                    &[
+                        ep("127.0.0.1"),
+                        ep("127.1.2.3"),
+                        ep("169.254.169.254"),
+                        ep("0.0.0.0"),
+                        ep("224.0.0.1"),
+                        ep("255.255.255.255"),
+                        ep("010.1.0.1"),
+                        ep("fd00::1"),
+                        ep("10.1.0.1"),
+                    ],
+                )],
+                want: vec!["10.96.0.10:80/TCP dev/web => 10.1.0.1:8080"],
+                rejections: vec![
+                    vec!["EndpointSlice dev/web-evil", "127.0.0.1", "loopback"],
+                    vec!["EndpointSlice dev/web-evil", "127.1.2.3", "loopback"],
+                    vec![
+                        "EndpointSlice dev/web-evil",
+                        "169.254.169.254",
+                        "link-local",
+                    ],
+                    vec!["EndpointSlice dev/web-evil", "0.0.0.0", "unspecified"],
+                    vec!["EndpointSlice dev/web-evil", "224.0.0.1", "multicast"],
+                    vec!["EndpointSlice dev/web-evil", "255.255.255.255", "broadcast"],
+                    vec!["EndpointSlice dev/web-evil", "010.1.0.1", "leading zero"],
+                    vec!["EndpointSlice dev/web-evil", "fd00::1", "not an IP"],
+                ],
+                ..Case::default()
+            },
+            Case {
+                name: "endpoint equal to a ClusterIP (of any Service) refused",
+                services: vec![web(), svc("api", &["10.96.0.20"], &[("", 80, "")])],
+                slices: vec![web_slice(
+                    "web-1",
+                    &[ep("10.96.0.20"), ep("10.96.0.10"), ep("10.1.0.1")],
+                )],
+                want: vec![
+                    "10.96.0.10:80/TCP dev/web => 10.1.0.1:8080",
+                    "10.96.0.20:80/TCP dev/api =>",
+                ],
+                rejections: vec![
+                    vec!["EndpointSlice dev/web-1", "10.96.0.20", "ClusterIP"],
+                    vec!["EndpointSlice dev/web-1", "10.96.0.10", "ClusterIP"],
+                ],
+                ..Case::default()
+            },
+            Case {
+                name: "slice port with nil port is unusable",
+                slices: vec![
+                    slice("web-a", "web", &[("", None, "")], &[ep("10.1.0.1")]),
+                    web_slice("web-b", &[ep("10.1.0.2")]),
+                ],
+                want: vec!["10.96.0.10:80/TCP dev/web => 10.1.0.2:8080"],
+                ..Case::default()
+            },
+            Case {
+                name: "slice port out of range is refused and unusable",
+                slices: vec![slice(
+                    "web-a",
+                    "web",
+                    &[("", Some(70000), "")],
+                    &[ep("10.1.0.1")],
+                )],
+                want: vec!["10.96.0.10:80/TCP dev/web =>"],
+                rejections: vec![vec!["EndpointSlice dev/web-a", "70000"]],
+                ..Case::default()
+            },
+            Case {
+                name: "protocol mismatch: TCP and UDP on one port are separate, each joins its own",
+                services: vec![svc(
+                    "web",
+                    &["10.96.0.10"],
+                    &[("dns", 53, "UDP"), ("web", 80, "")],
+                )],
+                slices: vec![slice(
+                    "web-1",
+                    "web",
+                    &[("dns", Some(5353), "TCP"), ("web", Some(8080), "UDP")],
+                    &[ep("10.1.0.1")],
+                )],
+                want: vec![
+                    "10.96.0.10:53/UDP dev/web =>",
+                    "10.96.0.10:80/TCP dev/web =>",
+                ],
+                ..Case::default()
+            },
+            Case {
+                name: "unnamed Service port matches unnamed or empty-named slice port only",
+                slices: vec![
+                    slice(
+                        "web-a",
+                        "web",
+                        &[("", Some(8080), "TCP")],
+                        &[ep("10.1.0.1")],
+                    ),
+                    slice(
+                        "web-b",
+                        "web",
+                        &[("http", Some(9090), "TCP")],
+                        &[ep("10.1.0.2")],
+                    ),
+                    with(
+                        slice("web-c", "web", &[], &[ep("10.1.0.3")]),
+                        json!({ "ports": [{ "name": "", "port": 7070 }] }),
+                    ),
+                ],
+                want: vec!["10.96.0.10:80/TCP dev/web => 10.1.0.1:8080 10.1.0.3:7070"],
+                ..Case::default()
+            },
+            Case {
+                name: "bad Service ports refused, good ones kept",
+                services: vec![svc(
+                    "web",
+                    &["10.96.0.10"],
+                    &[("a", 0, ""), ("b", 80, "ICMP"), ("c", 81, "SCTP")],
+                )],
+                want: vec!["10.96.0.10:81/SCTP dev/web =>"],
+                rejections: vec![
+                    vec!["Service dev/web", "\"a\"", "outside"],
+                    vec!["Service dev/web", "ICMP"],
+                ],
+                ..Case::default()
+            },
+            Case {
+                name: "frontend conflict: the older Service keeps it",
+                services: vec![
+                    with(
+                        svc("young", &["10.96.0.10"], &[("", 80, ""), ("", 81, "")]),
+                        json!({ "metadata": { "creationTimestamp": "2024-05-01T00:00:00Z" } }),
+                    ),
+                    with(
+                        svc("old", &["10.96.0.10"], &[("", 80, "")]),
+                        json!({ "metadata": { "creationTimestamp": "2023-01-01T00:00:00Z" } }),
+                    ),
+                ],
+                want: vec![
+                    "10.96.0.10:80/TCP dev/old =>",
+                    "10.96.0.10:81/TCP dev/young =>",
+                ],
+                rejections: vec![vec!["Service dev/young", "10.96.0.10:80/TCP", "dev/old"]],
+                ..Case::default()
+            },
+            Case {
+                name: "frontend conflict: same age goes by namespace/name; no age counts as newest",
+                services: vec![
+                    svc("aaa", &["10.96.0.10"], &[("", 80, "")]),
+                    svc("zzz", &["10.96.0.10"], &[("", 80, "")]),
+                    with(
+                        svc("stamped", &["10.96.0.10"], &[("", 80, "")]),
+                        json!({ "metadata": { "creationTimestamp": "2030-01-01T00:00:00Z" } }),
+                    ),
+                ],
+                want: vec!["10.96.0.10:80/TCP dev/stamped =>"],
+                rejections: vec![
+                    vec!["Service dev/aaa", "dev/stamped"],
+                    vec!["Service dev/zzz", "dev/stamped"],
+                ],
+                ..Case::default()
+            },
+            Case {
+                name: "the same frontend twice in one Service: first port kept",
+                services: vec![svc(
+                    "web",
+                    &["10.96.0.10"],
+                    &[("a", 80, ""), ("b", 80, "TCP")],
+                )],
+                want: vec!["10.96.0.10:80/TCP dev/web =>"],
+                rejections: vec![vec!["Service dev/web", "declared twice", "\"a\""]],
+                ..Case::default()
+            },
+        ]
+    }
+
+    #[test]
+    fn planner_table() {
+        for case in cases() {
+            let desired = run(&case.services, &case.slices, &case.node);
+            assert_eq!(show(&desired), case.want, "case: {}", case.name);
+            let rejections = show_rejections(&desired);
+            assert_eq!(
+                rejections.len(),
+                case.rejections.len(),
+                "case: {}: rejections {rejections:#?}",
+                case.name
+            );
+            for (got, want) in rejections.iter().zip(&case.rejections) {
+                for part in want {
+                    assert!(
+                        got.contains(part),
+                        "case: {}: {got:?} lacks {part:?}",
+                        case.name
+                    );
+                }
+            }
+            for state in desired.frontends.values() {
+                let mut sorted = state.backends.clone();
+                sorted.sort_by_key(|b| (b.addr, b.port));
+                sorted.dedup_by_key(|b| (b.addr, b.port));
+                assert_eq!(
+                    sorted, state.backends,
+                    "case: {}: sorted and unique",
+                    case.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn port_name_is_recorded_and_unset_protocol_is_tcp() {
+        let desired = run(
+            &[svc("web", &["10.96.0.10"], &[("http", 80, "")])],
+            &[],
+            &node_a(),
+        );
+        let frontend = Frontend {
+            addr: Ipv4Addr::new(10, 96, 0, 10),
+            port: 80,
+            protocol: Protocol::Tcp,
+        };
+        let state = desired.frontends.get(&frontend);
+        assert_eq!(state.map(|s| s.port_name.as_str()), Some("http"));
+    }
+
+    #[test]
+    fn output_does_not_depend_on_input_order() {
+        let services = [web(), svc("api", &["10.96.0.20"], &[("", 80, "")])];
+        let slices = [
+            web_slice("web-a", &[ep("10.1.0.1").draining()]),
+            web_slice("web-b", &[ep("10.1.0.1").ready(false), ep("10.1.0.2")]),
+            slice("api-1", "api", &[("", Some(8080), "")], &[ep("10.1.0.3")]),
+        ];
+        let forward = run(&services, &slices, &node_a());
+        let mut rev_services = services.to_vec();
+        rev_services.reverse();
+        let mut rev_slices = slices.to_vec();
+        rev_slices.reverse();
+        assert_eq!(forward, run(&rev_services, &rev_slices, &node_a()));
+    }
+
+    #[test]
+    fn service_proxy_name_option_claims_matching_services() {
+        let services: Vec<Service> = [
+            with(
+                web(),
+                json!({ "metadata": { "labels": { LABEL_SERVICE_PROXY_NAME: "svcproxy" } } }),
+            ),
+            with(
+                svc("other", &["10.96.0.11"], &[("", 80, "")]),
+                json!({ "metadata": { "labels": { LABEL_SERVICE_PROXY_NAME: "cilium" } } }),
+            ),
+        ]
+        .into_iter()
+        .map(|v| serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}")))
+        .collect();
+        let desired = plan(&PlanInput {
+            services: &services,
+            slices: &[],
+            node: &node_a(),
+            options: &PlanOptions {
+                service_proxy_name: Some("svcproxy".to_owned()),
+            },
+        });
+        assert_eq!(show(&desired), ["10.96.0.10:80/TCP dev/web =>"]);
+    }
+
+    #[test]
+    fn client_ip_affinity_timeout_defaults_and_bounds() {
+        let cases: [(&str, Value, Option<u32>); 5] = [
+            ("no affinity", json!({}), None),
+            (
+                "ClientIP default",
+                json!({ "sessionAffinity": "ClientIP" }),
+                Some(10_800),
+            ),
+            (
+                "ClientIP configured",
+                json!({ "sessionAffinity": "ClientIP", "sessionAffinityConfig": { "clientIP": { "timeoutSeconds": 60 } } }),
+                Some(60),
+            ),
+            (
+                "too large is held to the maximum",
+                json!({ "sessionAffinity": "ClientIP", "sessionAffinityConfig": { "clientIP": { "timeoutSeconds": 999_999 } } }),
+                Some(86_400),
+            ),
+            (
+                "None",
+                json!({ "sessionAffinity": "None", "sessionAffinityConfig": { "clientIP": { "timeoutSeconds": 60 } } }),
+                None,
+            ),
+        ];
+        for (what, spec, want) in cases {
+            let service: Service = serde_json::from_value(with(web(), json!({ "spec": spec })))
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(client_ip_affinity_timeout(&service), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn slice_with_1000_endpoints_is_planned_whole() {
+        let eps: Vec<Ep> = (0..1000u32)
+            .map(|i| {
+                let e = ep(&Ipv4Addr::from(0x0a01_0000 + i).to_string());
+                if i % 10 == 0 { e.draining() } else { e }
+            })
+            .collect();
+        let desired = run(&[web()], &[web_slice("web-1", &eps)], &node_a());
+        assert!(desired.rejections.is_empty(), "{:?}", desired.rejections);
+        let state = desired.frontends.values().next();
+        let backends = state.map(|s| s.backends.as_slice()).unwrap_or_default();
+        assert_eq!(backends.len(), 1000);
+        assert_eq!(state.map(|s| s.active().count()), Some(900));
+        assert!(backends.windows(2).all(|w| w[0].addr < w[1].addr));
+    }
+
+    #[test]
+    fn service_with_2000_ports_plans_fast() {
+        let ports: Vec<(String, i32)> = (0..2000).map(|i| (format!("p{i}"), 1000 + i)).collect();
+        let svc_ports: Vec<(&str, i32, &str)> =
+            ports.iter().map(|(n, p)| (n.as_str(), *p, "TCP")).collect();
+        let slice_ports: Vec<(&str, Option<i32>, &str)> = ports
+            .iter()
+            .map(|(n, p)| (n.as_str(), Some(*p + 10_000), "TCP"))
+            .collect();
+        let eps: Vec<Ep> = (1..=20).map(|i| ep(&format!("10.1.0.{i}"))).collect();
+        let services: Vec<Service> = [svc("big", &["10.96.0.10"], &svc_ports)]
+            .into_iter()
+            .map(|v| serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}")))
+            .collect();
+        let slices: Vec<EndpointSlice> = [
+            slice("big-1", "big", &slice_ports, &eps[..10]),
+            slice("big-2", "big", &slice_ports, &eps[10..]),
+        ]
+        .into_iter()
+        .map(|v| serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}")))
+        .collect();
+
+        let start = Instant::now();
+        let desired = plan(&PlanInput {
+            services: &services,
+            slices: &slices,
+            node: &node_a(),
+            options: &PlanOptions::default(),
+        });
+        let took = start.elapsed();
+        assert_eq!(desired.frontends.len(), 2000);
+        assert!(desired.frontends.values().all(|s| s.backends.len() == 20));
+        let last = desired.frontends.values().last();
+        assert_eq!(last.map(|s| s.backends[0].port), Some(12_999));
+        // Generous for an unoptimised build on a shared machine; the real cost is milliseconds.
+        assert!(took < Duration::from_millis(500), "planning took {took:?}");
+    }
+}

@@ -1,0 +1,137 @@
+//! End to end through real network namespaces: a client pod reaches three backend pods through a
+//! ClusterIP served by the `svcproxy` binary, on both hooks. Needs root, bpffs and the built
+//! binary (`cargo xtask test` provides all three).
+
+mod common;
+
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    thread,
+    time::Duration,
+};
+
+use common::{Endpoint, Manifests, Proxy, SvcPort};
+use svcproxy_tests::{
+    Sandbox, bulk_pattern, in_netns, sandbox::DEFAULT_ECHO_PORT, tcp_request_here,
+    udp_request_here,
+};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
+const BACKENDS: [Ipv4Addr; 3] =
+    [Ipv4Addr::new(10, 244, 0, 11), Ipv4Addr::new(10, 244, 0, 12), Ipv4Addr::new(10, 244, 0, 13)];
+const OTHER: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 20);
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+fn ports() -> Vec<SvcPort> {
+    vec![
+        SvcPort::new("tcp", 80, "TCP", DEFAULT_ECHO_PORT),
+        SvcPort::new("udp", 80, "UDP", DEFAULT_ECHO_PORT),
+    ]
+}
+
+fn endpoints(ips: &[Ipv4Addr]) -> Vec<Endpoint> {
+    ips.iter().enumerate().map(|(i, ip)| Endpoint::ready(*ip, &format!("web-{i}"))).collect()
+}
+
+/// 200 new connections (TCP: one per connect; UDP: one fresh socket per request), counting which
+/// pod answered. Every exchange must succeed, and UDP replies must come from the ClusterIP.
+fn spread(sb: &Sandbox, proto: &'static str, n: usize) -> HashMap<String, usize> {
+    let netns = sb.pod("client").expect("client pod").netns.clone();
+    in_netns(&netns, move || {
+        let mut hits = HashMap::new();
+        for i in 0..n {
+            let name = match proto {
+                "tcp" => {
+                    let out = tcp_request_here(SocketAddrV4::new(VIP, 80), b"NAME\n", TIMEOUT)
+                        .unwrap_or_else(|e| panic!("TCP connection {i} through the ClusterIP: {e}"));
+                    String::from_utf8_lossy(&out).trim().to_owned()
+                }
+                _ => {
+                    let (out, from) = udp_request_here(SocketAddrV4::new(VIP, 80), b"NAME", TIMEOUT)
+                        .unwrap_or_else(|e| panic!("UDP request {i} through the ClusterIP: {e}"));
+                    assert_eq!(from, SocketAddrV4::new(VIP, 80), "UDP reply must come from the ClusterIP");
+                    let text = String::from_utf8_lossy(&out).into_owned();
+                    text.split(' ').next().unwrap_or_default().to_owned()
+                }
+            };
+            *hits.entry(name).or_insert(0) += 1;
+        }
+        hits
+    })
+    .expect("entering the client namespace")
+}
+
+fn clusterip_end_to_end(hook: &str) {
+    let mut sb = Sandbox::new(&format!("ci{hook}"), Ipv4Addr::new(172, 18, 0, 2)).expect("sandbox");
+    sb.add_pod("client", CLIENT).expect("client pod");
+    for (i, ip) in BACKENDS.iter().enumerate() {
+        sb.add_pod(&format!("web-{i}"), *ip).expect("backend pod");
+    }
+    sb.add_pod("other", OTHER).expect("other pod");
+    let manifests = Manifests::new();
+    manifests.service("default", "web", VIP, &ports());
+    manifests.slice("default", "web", &endpoints(&BACKENDS), &ports());
+    let proxy = Proxy::start(&sb, manifests.dir(), hook);
+    proxy.wait_until_serving(&sb, "client", SocketAddrV4::new(VIP, 80));
+
+    // Load balancing: each backend gets >= 15% of 200 new connections, TCP and UDP.
+    for proto in ["tcp", "udp"] {
+        let hits = spread(&sb, proto, 200);
+        assert_eq!(hits.len(), 3, "{hook}/{proto}: all three backends answer: {hits:?}");
+        for (pod, n) in &hits {
+            assert!(*n >= 30, "{hook}/{proto}: {pod} got {n} of 200 (< 15%): {hits:?}");
+        }
+    }
+
+    // A 1 MiB transfer in each direction completes intact.
+    let client = sb.pod("client").expect("client").netns.clone();
+    let (down, up) = in_netns(&client, || {
+        let down = tcp_request_here(SocketAddrV4::new(VIP, 80), b"BULK 1048576\n", Duration::from_secs(10));
+        let mut req = b"SINK\n".to_vec();
+        req.extend(bulk_pattern(1 << 20));
+        let up = tcp_request_here(SocketAddrV4::new(VIP, 80), &req, Duration::from_secs(10));
+        (down, up)
+    })
+    .expect("client namespace");
+    let down = down.unwrap_or_else(|e| panic!("{hook}: 1 MiB download: {e}"));
+    assert!(down == bulk_pattern(1 << 20), "{hook}: 1 MiB download arrived corrupted or short");
+    let up = up.unwrap_or_else(|e| panic!("{hook}: 1 MiB upload: {e}"));
+    assert_eq!(String::from_utf8_lossy(&up).trim(), "1048576", "{hook}: upload byte count");
+
+    // Traffic to a non-Service address is untouched: the pod sees the client's own address.
+    let peer = svcproxy_tests::tcp_request(&client, SocketAddrV4::new(OTHER, DEFAULT_ECHO_PORT), b"PEER\n", TIMEOUT)
+        .unwrap_or_else(|e| panic!("{hook}: direct pod traffic: {e}"));
+    assert!(
+        String::from_utf8_lossy(&peer).starts_with(&format!("{CLIENT}:")),
+        "{hook}: direct traffic must keep the client address, got {:?}",
+        String::from_utf8_lossy(&peer)
+    );
+
+    // An endpoint removed from the manifests gets no new connections within 2 s.
+    manifests.slice("default", "web", &endpoints(&BACKENDS[..2]), &ports());
+    thread::sleep(Duration::from_secs(2));
+    let hits = spread(&sb, "tcp", 100);
+    assert!(!hits.contains_key("web-2"), "{hook}: removed endpoint still chosen: {hits:?}");
+    let hits = spread(&sb, "udp", 100);
+    assert!(!hits.contains_key("web-2"), "{hook}: removed endpoint still chosen (UDP): {hits:?}");
+
+    // A Service removed from the manifests is no longer translated: nothing answers the VIP.
+    manifests.remove("default", "web");
+    thread::sleep(Duration::from_secs(2));
+    let res = svcproxy_tests::tcp_request(&client, SocketAddrV4::new(VIP, 80), b"NAME\n", TIMEOUT);
+    assert!(res.is_err(), "{hook}: removed Service still answered: {res:?}");
+
+    proxy.stop();
+}
+
+#[test]
+fn clusterip_tc() {
+    clusterip_end_to_end("tc");
+}
+
+#[test]
+fn clusterip_xdp() {
+    clusterip_end_to_end("xdp");
+}

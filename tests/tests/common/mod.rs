@@ -1,0 +1,216 @@
+//! Shared pieces of the end-to-end tests: a manifest directory the tests edit like an operator
+//! would, and the `svcproxy` binary running in a sandbox's node namespace.
+
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+use svcproxy_tests::{Sandbox, in_netns, tcp_request_here};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+fn unique(tag: &str) -> String {
+    format!("{tag}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+/// The `svcproxy` binary: `SVCPROXY_BIN`, else next to the test executable's `deps/` dir.
+pub fn svcproxy_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("SVCPROXY_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let bin = exe.parent().and_then(Path::parent).map(|d| d.join("svcproxy"));
+    match bin {
+        Some(b) if b.exists() => b,
+        _ => panic!("svcproxy binary not found: run `cargo build --bins` or set SVCPROXY_BIN"),
+    }
+}
+
+pub struct SvcPort {
+    pub name: String,
+    pub port: u16,
+    pub protocol: String,
+    pub target: u16,
+}
+
+impl SvcPort {
+    pub fn new(name: &str, port: u16, protocol: &str, target: u16) -> Self {
+        Self { name: name.into(), port, protocol: protocol.into(), target }
+    }
+}
+
+pub struct Endpoint {
+    pub ip: Ipv4Addr,
+    pub pod: String,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+impl Endpoint {
+    pub fn ready(ip: Ipv4Addr, pod: &str) -> Self {
+        Self { ip, pod: pod.into(), ready: true, serving: true, terminating: false }
+    }
+}
+
+/// A manifest directory, deleted on drop. Files are replaced atomically (write a hidden file,
+/// rename), as `kubectl`-style tooling and ConfigMap mounts do.
+pub struct Manifests {
+    dir: PathBuf,
+}
+
+impl Manifests {
+    pub fn new() -> Self {
+        let dir = std::env::temp_dir().join(unique("svcproxy-manifests"));
+        std::fs::create_dir_all(&dir).expect("manifest dir");
+        Self { dir }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn write(&self, file: &str, value: &Value) {
+        let tmp = self.dir.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, serde_json::to_vec_pretty(value).expect("json")).expect("write");
+        std::fs::rename(&tmp, self.dir.join(file)).expect("rename");
+    }
+
+    pub fn service(&self, ns: &str, name: &str, ip: Ipv4Addr, ports: &[SvcPort]) {
+        let ports: Vec<Value> = ports
+            .iter()
+            .map(|p| json!({"name": p.name, "port": p.port, "protocol": p.protocol, "targetPort": p.target}))
+            .collect();
+        self.write(
+            &format!("{ns}-{name}-svc.json"),
+            &json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": name, "namespace": ns},
+                "spec": {"clusterIP": ip.to_string(), "clusterIPs": [ip.to_string()], "ports": ports},
+            }),
+        );
+    }
+
+    pub fn slice(&self, ns: &str, svc: &str, endpoints: &[Endpoint], ports: &[SvcPort]) {
+        let eps: Vec<Value> = endpoints
+            .iter()
+            .map(|e| {
+                json!({
+                    "addresses": [e.ip.to_string()],
+                    "conditions": {"ready": e.ready, "serving": e.serving, "terminating": e.terminating},
+                    "nodeName": "node",
+                    "targetRef": {"kind": "Pod", "namespace": ns, "name": e.pod},
+                })
+            })
+            .collect();
+        let ports: Vec<Value> = ports
+            .iter()
+            .map(|p| json!({"name": p.name, "port": p.target, "protocol": p.protocol}))
+            .collect();
+        self.write(
+            &format!("{ns}-{svc}-slice.json"),
+            &json!({
+                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": format!("{svc}-abc12"), "namespace": ns,
+                    "labels": {"kubernetes.io/service-name": svc}},
+                "addressType": "IPv4", "endpoints": eps, "ports": ports,
+            }),
+        );
+    }
+
+    pub fn remove(&self, ns: &str, name: &str) {
+        let _ = std::fs::remove_file(self.dir.join(format!("{ns}-{name}-svc.json")));
+        let _ = std::fs::remove_file(self.dir.join(format!("{ns}-{name}-slice.json")));
+    }
+}
+
+impl Drop for Manifests {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `svcproxy run` in the sandbox's node namespace with its own pin directory. Stopped (SIGTERM,
+/// then SIGKILL) and its pins removed on drop, also when the test panics.
+pub struct Proxy {
+    child: Option<Child>,
+    pin_dir: PathBuf,
+}
+
+impl Proxy {
+    pub fn start(sb: &Sandbox, manifests: &Path, hook: &str) -> Self {
+        let pin_dir = PathBuf::from("/sys/fs/bpf").join(unique("svcproxy-e2e"));
+        let child = sb
+            .node_command(svcproxy_bin())
+            .args(["run", "--manifests"])
+            .arg(manifests)
+            .args(["--interfaces", &sb.veth_glob(), "--hook", hook, "--pin-path"])
+            .arg(&pin_dir)
+            .args(["--max-frontends", "1024", "--max-slots", "4096", "--max-backends", "4096"])
+            .args(["--max-flows", "65536"])
+            .env("SVCPROXY_LOG", "info")
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting svcproxy: {e}"));
+        Self { child: Some(child), pin_dir }
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Waits (up to 15 s) until a TCP request from `pod` to `addr` is answered.
+    pub fn wait_until_serving(&self, sb: &Sandbox, pod: &str, addr: SocketAddrV4) {
+        let netns = sb.pod(pod).expect("pod").netns.clone();
+        let ok = in_netns(&netns, move || {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if tcp_request_here(addr, b"NAME\n", Duration::from_millis(300)).is_ok() {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            false
+        })
+        .expect("netns");
+        assert!(ok, "svcproxy did not start serving {addr} within 15 s");
+    }
+
+    /// Asks svcproxy to stop and checks it exits cleanly.
+    pub fn stop(mut self) {
+        let mut child = self.child.take().expect("running");
+        let status = terminate(&mut child);
+        assert!(status.is_some_and(|s| s.success()), "svcproxy exited with {status:?}");
+    }
+}
+
+fn terminate(child: &mut Child) -> Option<std::process::ExitStatus> {
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    child.wait().ok();
+    None
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            terminate(&mut child);
+        }
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+    }
+}
