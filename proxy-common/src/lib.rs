@@ -34,3 +34,58 @@ macro_rules! impl_user_pod {
         )+
     };
 }
+
+#[cfg(test)]
+mod tests {
+    use bytemuck::bytes_of;
+
+    use crate::{
+        backend::Backend4,
+        conntrack::{CT_DIR_REPLY, CtKey4},
+        service::Frontend4Key,
+    };
+
+    /// Keys hold addresses and ports exactly as they sit in the packet, so the datapath can
+    /// build them from raw loads without byte swapping.
+    #[test]
+    fn frontend_key_bytes_are_in_packet_order() {
+        let key = Frontend4Key {
+            addr_be: u32::from_ne_bytes([10, 96, 0, 10]),
+            port_be: 80u16.to_be(),
+            proto: 6,
+            scope: 0,
+        };
+        assert_eq!(bytes_of(&key), &[10, 96, 0, 10, 0, 80, 6, 0]);
+    }
+
+    #[test]
+    fn conntrack_key_bytes_follow_the_declared_fields() {
+        let key = CtKey4 {
+            saddr_be: u32::from_ne_bytes([10, 244, 0, 2]),
+            daddr_be: u32::from_ne_bytes([10, 96, 0, 10]),
+            sport_be: 40000u16.to_be(),
+            dport_be: 80u16.to_be(),
+            proto: 17,
+            dir: CT_DIR_REPLY,
+            _pad: [0; 2],
+        };
+        assert_eq!(
+            bytes_of(&key),
+            &[10, 244, 0, 2, 10, 96, 0, 10, 0x9c, 0x40, 0, 80, 17, 1, 0, 0]
+        );
+    }
+
+    #[test]
+    fn backend_value_has_no_hidden_padding() {
+        let b = Backend4 {
+            addr_be: u32::from_ne_bytes([10, 244, 1, 1]),
+            port_be: 8080u16.to_be(),
+            proto: 6,
+            state: 1,
+            svc_id: 7,
+        };
+        let bytes = bytes_of(&b);
+        assert_eq!(&bytes[..8], &[10, 244, 1, 1, 0x1f, 0x90, 6, 1]);
+        assert_eq!(u32::from_ne_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]), 7);
+    }
+}

@@ -2,6 +2,7 @@
 //! their backend, pick a backend for new flows, translate, and reverse-translate replies.
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
+use aya_log_ebpf::error;
 use proxy_common::{
     backend::{Backend4, reply_filter_slot},
     conntrack::{CT_DIR_REPLY, CtEntry4, CtKey4},
@@ -81,16 +82,24 @@ fn forward<P: Packet>(pkt: &P, flow: &Flow4, fe: &Frontend4Key, svc: &Service4) 
         })
     })
     .map(|s| s.backend_id) else {
-        return counted(STAT_BAD_SLOT, Verdict::Pass);
+        return bad_slot(pkt, svc.svc_id, slot);
     };
     // SAFETY: backend values are written whole by the controller.
     let Some(backend) = (unsafe { BACKENDS4.get(&backend_id) }) else {
-        return counted(STAT_BAD_SLOT, Verdict::Pass);
+        return bad_slot(pkt, svc.svc_id, slot);
     };
     if record_flow(flow, fe, svc, backend_id, backend, now).is_err() {
         return counted(STAT_CT_INSERT_FAILED, Verdict::Pass);
     }
     translate(pkt, flow, backend.addr_be, backend.port_be, STAT_FWD_NEW)
+}
+
+/// A slot within the backend count names no backend: the controller's write order rules this
+/// out, so it is logged (rare by construction) as well as counted.
+#[inline(never)]
+fn bad_slot<P: Packet>(pkt: &P, svc_id: u32, slot: u32) -> Verdict {
+    error!(pkt, "service {} slot {} names no backend", svc_id, slot);
+    counted(STAT_BAD_SLOT, Verdict::Pass)
 }
 
 /// Checks a cached backend against the current Service. Only when the Service's backend set

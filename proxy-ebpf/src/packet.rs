@@ -6,6 +6,7 @@
 //! checksums are complete, so it updates them by RFC 1624 arithmetic.
 
 use aya_ebpf::{
+    EbpfContext,
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::{TcContext, XdpContext},
 };
@@ -24,7 +25,8 @@ pub enum L4Csum {
 
 pub struct RewriteError;
 
-pub trait Packet {
+/// `EbpfContext` as a supertrait lets the core log rare errors with aya-log.
+pub trait Packet: EbpfContext {
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
     /// Length of the whole packet, including any part not in the linear area.

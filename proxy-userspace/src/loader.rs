@@ -194,6 +194,12 @@ impl Datapath {
         })
     }
 
+    /// Hands out the eBPF logger. The caller must keep it alive and drain it: dropping it
+    /// closes the log map's fd, and an undrained ring buffer silently loses records.
+    pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        self._logger.take()
+    }
+
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
     }

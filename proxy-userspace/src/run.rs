@@ -4,7 +4,10 @@
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, bail};
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    signal::unix::{SignalKind, signal},
+};
 
 use crate::{
     iface,
@@ -44,9 +47,38 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             return Err(e.into());
         }
     }
+    let logs = dp.take_logger().map(|logger| tokio::spawn(drain_logs(logger)));
     let result = sync_loop(&mut dp, &opts).await;
     dp.detach_all();
+    if let Some(task) = logs {
+        task.abort();
+    }
     result
+}
+
+/// Forwards the datapath's (rare) log records to our log as they arrive.
+async fn drain_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns the ring buffer's fd and the AsyncFd owns the logger, so the fd
+    // stays open for as long as it is registered.
+    let mut fd = match unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::warn!("cannot watch the eBPF log buffer: {}", e.into_parts().1);
+            return;
+        }
+    };
+    loop {
+        match fd.readable_mut().await {
+            Ok(mut guard) => {
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+            Err(e) => {
+                tracing::warn!("eBPF log buffer: {e}");
+                return;
+            }
+        }
+    }
 }
 
 async fn sync_loop(dp: &mut Datapath, opts: &RunOptions) -> anyhow::Result<()> {
