@@ -65,3 +65,55 @@ const _: () = assert!(size_of::<CtKey4>() == 16);
 const _: () = assert!(size_of::<CtEntry4>() == 32);
 
 crate::impl_user_pod!(CtKey4, CtEntry4);
+
+/// `LruHashMap<AffinityKey4, AffinityEntry>`: which backend a client was last given per service.
+pub const AFFINITY4: &str = "AFFINITY4";
+pub const DEFAULT_AFFINITY: u32 = 65_536;
+
+/// `LruHashMap<FragKey4, FragPorts>`: ports of fragmented datagrams, learnt from the first
+/// fragment so later fragments (which carry no L4 header) follow the same translation.
+pub const FRAG4: &str = "FRAG4";
+pub const DEFAULT_FRAG: u32 = 8_192;
+
+/// Key of [`AFFINITY4`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct AffinityKey4 {
+    pub svc_id: u32,
+    pub client_addr_be: u32,
+}
+
+/// Value of [`AFFINITY4`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct AffinityEntry {
+    pub backend_id: u32,
+    pub _pad: u32,
+    pub last_seen_ns: u64,
+}
+
+/// Key of [`FRAG4`]: the (untranslated) datagram identity.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FragKey4 {
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub id_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of [`FRAG4`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct FragPorts {
+    pub sport_be: u16,
+    pub dport_be: u16,
+}
+
+const _: () = assert!(size_of::<AffinityKey4>() == 8);
+const _: () = assert!(size_of::<AffinityEntry>() == 16);
+const _: () = assert!(size_of::<FragKey4>() == 12);
+const _: () = assert!(size_of::<FragPorts>() == 4);
+
+crate::impl_user_pod!(AffinityKey4, AffinityEntry, FragKey4, FragPorts);

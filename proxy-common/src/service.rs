@@ -10,6 +10,23 @@ use bytemuck::{Pod, Zeroable};
 pub const FRONTENDS4: &str = "FRONTENDS4";
 /// `HashMap<SlotKey, Slot>`: backend id for each slot of each service.
 pub const SLOTS: &str = "SLOTS";
+/// `HashMap<SlotKey, Slot>`: Maglev lookup table entries of services using Maglev, keyed by
+/// (service id, table index).
+pub const MAGLEV4: &str = "MAGLEV4";
+/// Global variable in the object: the Maglev table size (a prime), set at load time.
+pub const MAGLEV_TABLE_SIZE_GLOBAL: &str = "MAGLEV_TABLE_SIZE";
+/// Cilium's default: large enough that 100 backends get within ~1% of an equal share.
+pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 16_381;
+pub const DEFAULT_MAGLEV_ENTRIES: u32 = 1 << 20;
+
+/// New flows pick the backend of their client's affinity entry while it is fresh
+/// (`sessionAffinity: ClientIP`).
+pub const SVC_F_AFFINITY: u16 = 1;
+/// New flows pick their backend from the Maglev table (consistent hashing) instead of at random.
+pub const SVC_F_MAGLEV: u16 = 2;
+/// With no usable backend, drop instead of reject: endpoints exist, just none usable for
+/// traffic arriving here (e.g. `internalTrafficPolicy: Local` and none on this node).
+pub const SVC_F_POLICY_DROP: u16 = 4;
 
 /// Default sizes: 64k Services with a few ports each, 256k backends.
 pub const DEFAULT_FRONTENDS: u32 = 65_536;
@@ -40,7 +57,8 @@ pub struct Service4 {
     /// Bumped by the controller whenever this frontend's backend set changes, so established
     /// flows re-validate their backend once instead of on every packet.
     pub revision: u32,
-    pub _pad: u32,
+    /// Session affinity timeout in seconds (with `SVC_F_AFFINITY`).
+    pub affinity_timeout_s: u32,
 }
 
 /// Key of [`SLOTS`].

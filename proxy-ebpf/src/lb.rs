@@ -1,40 +1,62 @@
 //! The load-balancing core shared by every entry point: look up the frontend, keep flows on
-//! their backend, pick a backend for new flows, translate, and reverse-translate replies.
+//! their backend, pick a backend for new flows, translate, and reverse-translate replies and
+//! ICMP errors.
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use aya_log_ebpf::error;
 use proxy_common::{
-    backend::{Backend4, reply_filter_slot},
-    conntrack::{CT_DIR_REPLY, CtEntry4, CtKey4},
-    service::{Frontend4Key, Service4, SlotKey},
+    backend::{BACKEND_ACTIVE, Backend4, reply_filter_slot},
+    conntrack::{AffinityEntry, AffinityKey4, CT_DIR_REPLY, CtEntry4, CtKey4, FragKey4, FragPorts},
+    service::{Frontend4Key, SVC_F_AFFINITY, SVC_F_MAGLEV, SVC_F_POLICY_DROP, Service4, SlotKey},
     stats::*,
 };
 
 use crate::{
-    conntrack, nat,
-    maps::{BACKENDS4, CT4, FRONTENDS4, REPLY_FILTER, SLOTS},
+    conntrack, icmp,
+    maps::{AFFINITY4, BACKENDS4, CT4, FRAG4, FRONTENDS4, MAGLEV_TABLE_SIZE, MAGLEV4, REPLY_FILTER, SLOTS, SVC_STATS},
+    nat,
     packet::Packet,
-    parse::{self, Flow4, Parsed},
+    parse::{self, Flow4, Frag, IcmpError4, PROTO_TCP, Parsed},
+    reject,
     stats::count,
 };
 
 /// What the entry point should do with the packet.
 pub enum Verdict {
     Pass,
-    #[allow(dead_code, reason = "reject and policy drops use it")]
     Drop,
+    /// Send the (rewritten) packet back out where it came from: a reject reply.
+    Bounce,
 }
 
 #[inline(always)]
 pub fn process<P: Packet>(pkt: &P) -> Verdict {
-    let flow = match parse::parse(pkt) {
-        Parsed::Flow(flow) => flow,
+    let mut flow = Flow4::zeroed();
+    let mut icmp_err = IcmpError4::zeroed();
+    match parse::parse(pkt, &mut flow, &mut icmp_err) {
+        Parsed::Flow => {}
+        Parsed::IcmpError => {
+            return match icmp::reverse_translate(pkt, &icmp_err) {
+                Ok(true) => counted(STAT_ICMP_ERROR_REPLY, Verdict::Pass),
+                Ok(false) => counted(STAT_PASS_NO_SERVICE, Verdict::Pass),
+                Err(_) => counted(STAT_REWRITE_FAILED, Verdict::Drop),
+            };
+        }
         Parsed::NotIpv4 => return counted(STAT_PASS_NOT_IPV4, Verdict::Pass),
         Parsed::OtherIpv4 => return counted(STAT_PASS_NO_SERVICE, Verdict::Pass),
-        Parsed::Fragment => return counted(STAT_PASS_FRAGMENT, Verdict::Pass),
         // Malformed packets are not ours to judge: the kernel drops what it must.
         Parsed::Malformed => return counted(STAT_MALFORMED, Verdict::Pass),
-    };
+    }
+    if flow.frag == Frag::Later {
+        // SAFETY: values are written whole.
+        match unsafe { FRAG4.get(&frag_key(&flow)) } {
+            Some(p) => {
+                flow.sport = p.sport_be;
+                flow.dport = p.dport_be;
+            }
+            None => return counted(STAT_PASS_FRAGMENT, Verdict::Pass),
+        }
+    }
     let key = Frontend4Key {
         addr_be: flow.daddr,
         port_be: flow.dport,
@@ -43,9 +65,33 @@ pub fn process<P: Packet>(pkt: &P) -> Verdict {
     };
     // SAFETY: the controller only replaces frontend values whole; a torn read can at worst
     // pick from the old or new backend count, both of which have their slots written.
-    match unsafe { FRONTENDS4.get(&key) } {
+    let verdict = match unsafe { FRONTENDS4.get(&key) } {
         Some(svc) => forward(pkt, &flow, &key, svc),
         None => reply(pkt, &flow),
+    };
+    if flow.frag == Frag::First && matches!(verdict, Verdict::Pass) {
+        // Later fragments carry no ports: remember them under the untranslated identity. A
+        // full table evicts the oldest datagram, whose later fragments then pass untranslated.
+        let _ = FRAG4.insert(
+            &frag_key(&flow),
+            &FragPorts {
+                sport_be: flow.sport,
+                dport_be: flow.dport,
+            },
+            0,
+        );
+    }
+    verdict
+}
+
+#[inline(always)]
+fn frag_key(flow: &Flow4) -> FragKey4 {
+    FragKey4 {
+        saddr_be: flow.saddr,
+        daddr_be: flow.daddr,
+        id_be: flow.ip_id,
+        proto: flow.proto,
+        _pad: 0,
     }
 }
 
@@ -58,6 +104,14 @@ fn counted(stat: u32, verdict: Verdict) -> Verdict {
 /// A packet to a frontend: established flows keep their backend, new ones get one.
 #[inline(always)]
 fn forward<P: Packet>(pkt: &P, flow: &Flow4, fe: &Frontend4Key, svc: &Service4) -> Verdict {
+    let svc_stats = SVC_STATS.get_ptr_mut(svc.svc_id);
+    if let Some(s) = svc_stats {
+        // SAFETY: per-CPU slot, only this CPU writes it while this program runs.
+        unsafe {
+            (*s).packets += 1;
+            (*s).bytes += flow.tot_len as u64;
+        }
+    }
     let now = conntrack::now_ns();
     let ct_key = conntrack::forward_key(flow);
     if let Some(entry) = CT4.get_ptr_mut(&ct_key) {
@@ -65,41 +119,125 @@ fn forward<P: Packet>(pkt: &P, flow: &Flow4, fe: &Frontend4Key, svc: &Service4) 
         let e = unsafe { &mut *entry };
         if e.svc_id == svc.svc_id && conntrack::is_live(e, flow, now) && revalidate(e, svc) {
             conntrack::touch(entry, flow, now);
-            return translate(pkt, flow, e.nat_addr_be, e.nat_port_be, STAT_FWD_ESTABLISHED);
+            let stat = if flow.frag == Frag::Later { STAT_FRAGMENT_TRANSLATED } else { STAT_FWD_ESTABLISHED };
+            return translate(pkt, flow, e.nat_addr_be, e.nat_port_be, stat);
         }
     }
-    if svc.backend_count == 0 {
-        return counted(STAT_NO_BACKEND, Verdict::Pass);
+    if flow.frag == Frag::Later {
+        // Its first fragment created no flow (it was rejected or dropped): nothing to follow.
+        return counted(STAT_PASS_FRAGMENT, Verdict::Pass);
     }
-    // Modulo of a random number: uniform enough for counts far below 2^32.
-    // SAFETY: helper without arguments.
-    let slot = unsafe { bpf_get_prandom_u32() } % svc.backend_count as u32 + 1;
-    let Some(backend_id) = (unsafe {
-        // SAFETY: slot values are written whole by the controller.
-        SLOTS.get(&SlotKey {
-            svc_id: svc.svc_id,
-            slot,
-        })
-    })
-    .map(|s| s.backend_id) else {
-        return bad_slot(pkt, svc.svc_id, slot);
+    if svc.backend_count == 0 {
+        return no_backend(pkt, flow, svc);
+    }
+    let Some((backend_id, backend)) = select(pkt, flow, svc, now) else {
+        return counted(STAT_BAD_SLOT, Verdict::Pass);
+    };
+    if record_flow(flow, fe, svc, backend_id, backend, now).is_err() {
+        return counted(STAT_CT_INSERT_FAILED, Verdict::Drop);
+    }
+    if let Some(s) = svc_stats {
+        // SAFETY: per-CPU slot, as above.
+        unsafe { (*s).new_flows += 1 };
+    }
+    translate(pkt, flow, backend.addr_be, backend.port_be, STAT_FWD_NEW)
+}
+
+/// No usable backend: drop when endpoints exist elsewhere (policy), else reject so the client
+/// fails at once.
+#[inline(always)]
+fn no_backend<P: Packet>(pkt: &P, flow: &Flow4, svc: &Service4) -> Verdict {
+    if svc.flags & SVC_F_POLICY_DROP != 0 {
+        return counted(STAT_DROP_POLICY, Verdict::Drop);
+    }
+    let built = if flow.proto == PROTO_TCP {
+        reject::tcp_rst(pkt, flow)
+    } else {
+        reject::icmp_port_unreachable(pkt, flow)
+    };
+    match built {
+        Ok(()) => counted(STAT_REJECT_NO_BACKEND, Verdict::Bounce),
+        Err(_) => counted(STAT_REJECT_FAILED, Verdict::Drop),
+    }
+}
+
+/// Picks the backend of a new flow: the client's affinity entry while fresh, else Maglev or a
+/// random slot.
+#[inline(always)]
+fn select<'a, P: Packet>(pkt: &P, flow: &Flow4, svc: &Service4, now: u64) -> Option<(u32, &'a Backend4)> {
+    let aff_key = AffinityKey4 {
+        svc_id: svc.svc_id,
+        client_addr_be: flow.saddr,
+    };
+    if svc.flags & SVC_F_AFFINITY != 0 {
+        // SAFETY: values are written whole.
+        if let Some(a) = unsafe { AFFINITY4.get(&aff_key) } {
+            let fresh = now.wrapping_sub(a.last_seen_ns) <= svc.affinity_timeout_s as u64 * 1_000_000_000;
+            // SAFETY: backend values are written whole by the controller.
+            match unsafe { BACKENDS4.get(&a.backend_id) } {
+                Some(b) if fresh && b.svc_id == svc.svc_id && b.state == BACKEND_ACTIVE => {
+                    remember(&aff_key, a.backend_id, now);
+                    return Some((a.backend_id, b));
+                }
+                _ => {}
+            }
+        }
+    }
+    let (table_key, slot) = if svc.flags & SVC_F_MAGLEV != 0 {
+        // SAFETY: a plain read of a global the loader sets before the program runs.
+        let m = unsafe { core::ptr::read_volatile(&MAGLEV_TABLE_SIZE) };
+        (true, flow_hash(flow) % m.max(1))
+    } else {
+        // Modulo of a random number: uniform enough for counts far below 2^32.
+        // SAFETY: helper without arguments.
+        (false, unsafe { bpf_get_prandom_u32() } % svc.backend_count as u32 + 1)
+    };
+    let key = SlotKey { svc_id: svc.svc_id, slot };
+    // SAFETY: slot values are written whole by the controller.
+    let slot_value = unsafe { if table_key { MAGLEV4.get(&key) } else { SLOTS.get(&key) } };
+    let Some(backend_id) = slot_value.map(|s| s.backend_id) else {
+        bad_slot(pkt, svc.svc_id, slot);
+        return None;
     };
     // SAFETY: backend values are written whole by the controller.
     let Some(backend) = (unsafe { BACKENDS4.get(&backend_id) }) else {
-        return bad_slot(pkt, svc.svc_id, slot);
+        bad_slot(pkt, svc.svc_id, slot);
+        return None;
     };
-    if record_flow(flow, fe, svc, backend_id, backend, now).is_err() {
-        return counted(STAT_CT_INSERT_FAILED, Verdict::Pass);
+    if svc.flags & SVC_F_AFFINITY != 0 {
+        remember(&aff_key, backend_id, now);
     }
-    translate(pkt, flow, backend.addr_be, backend.port_be, STAT_FWD_NEW)
+    Some((backend_id, backend))
+}
+
+#[inline(always)]
+fn remember(key: &AffinityKey4, backend_id: u32, now: u64) {
+    // LRU: a full table forgets the least recent client, which then gets a new backend.
+    let _ = AFFINITY4.insert(key, &AffinityEntry { backend_id, _pad: 0, last_seen_ns: now }, 0);
+}
+
+/// The flow's 5-tuple hashed for Maglev (murmur3's finaliser per word).
+#[inline(always)]
+fn flow_hash(flow: &Flow4) -> u32 {
+    #[inline(always)]
+    fn mix(mut h: u32) -> u32 {
+        h ^= h >> 16;
+        h = h.wrapping_mul(0x85eb_ca6b);
+        h ^= h >> 13;
+        h = h.wrapping_mul(0xc2b2_ae35);
+        h ^ (h >> 16)
+    }
+    let mut h = mix(flow.saddr ^ 0x9e37_79b9);
+    h = mix(h ^ flow.daddr);
+    h = mix(h ^ ((flow.sport as u32) << 16 | flow.dport as u32));
+    mix(h ^ flow.proto as u32)
 }
 
 /// A slot within the backend count names no backend: the controller's write order rules this
 /// out, so it is logged (rare by construction) as well as counted.
 #[inline(never)]
-fn bad_slot<P: Packet>(pkt: &P, svc_id: u32, slot: u32) -> Verdict {
+fn bad_slot<P: Packet>(pkt: &P, svc_id: u32, slot: u32) {
     error!(pkt, "service {} slot {} names no backend", svc_id, slot);
-    counted(STAT_BAD_SLOT, Verdict::Pass)
 }
 
 /// Checks a cached backend against the current Service. Only when the Service's backend set
@@ -170,14 +308,16 @@ fn reply<P: Packet>(pkt: &P, flow: &Flow4) -> Verdict {
         _ => return counted(STAT_PASS_NO_SERVICE, Verdict::Pass),
     }
     let Some(entry) = CT4.get_ptr_mut(&conntrack::reply_key(flow)) else {
-        return counted(STAT_PASS_NO_SERVICE, Verdict::Pass);
+        let stat = if flow.frag == Frag::Later { STAT_PASS_FRAGMENT } else { STAT_PASS_NO_SERVICE };
+        return counted(stat, Verdict::Pass);
     };
     // SAFETY: pointer from a successful lookup.
     let (addr, port) = unsafe { ((*entry).nat_addr_be, (*entry).nat_port_be) };
     conntrack::touch(entry, flow, conntrack::now_ns());
+    let stat = if flow.frag == Frag::Later { STAT_FRAGMENT_TRANSLATED } else { STAT_REPLY };
     match nat::snat(pkt, flow, addr, port) {
-        Ok(()) => counted(STAT_REPLY, Verdict::Pass),
-        Err(_) => counted(STAT_REWRITE_FAILED, Verdict::Pass),
+        Ok(()) => counted(stat, Verdict::Pass),
+        Err(_) => counted(STAT_REWRITE_FAILED, Verdict::Drop),
     }
 }
 

@@ -5,15 +5,19 @@
 #![no_main]
 
 mod conntrack;
+mod icmp;
 mod lb;
 mod maps;
 mod nat;
 mod packet;
 mod parse;
+mod reject;
 mod stats;
+mod bench;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    helpers::bpf_redirect,
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -26,6 +30,9 @@ pub fn svcproxy_tc(ctx: TcContext) -> i32 {
     match lb::process(&ctx) {
         Verdict::Pass => TC_ACT_OK,
         Verdict::Drop => TC_ACT_SHOT,
+        // Ingress redirected to the same device's egress: back to the sender.
+        // SAFETY: reading ifindex from our own skb; the helper takes plain integers.
+        Verdict::Bounce => unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) as i32 },
     }
 }
 
@@ -35,6 +42,7 @@ pub fn svcproxy_xdp(ctx: XdpContext) -> u32 {
     match lb::process(&ctx) {
         Verdict::Pass => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,
+        Verdict::Bounce => xdp_action::XDP_TX,
     }
 }
 

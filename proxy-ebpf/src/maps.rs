@@ -1,28 +1,47 @@
 //! The datapath's maps. Sizes here are defaults; the controller overrides them at load time, and
 //! the names (shared with `proxy-common`) are what the maps are pinned and found by.
+//!
+//! Maps only the controller writes are not preallocated, so their memory follows what is in
+//! them rather than their maximum; maps the datapath inserts into are (LRU needs it, and no
+//! allocation happens per packet).
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use proxy_common::{
     backend::{Backend4, REPLY_FILTER_SIZE},
-    conntrack::{CtEntry4, CtKey4},
+    conntrack::{AffinityEntry, AffinityKey4, CtEntry4, CtKey4, FragKey4, FragPorts},
     service::{Frontend4Key, Service4, Slot, SlotKey},
-    stats::STAT_COUNT,
+    stats::{STAT_COUNT, SvcStats},
 };
+
+const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
 
 /// Frontend (ClusterIP, port, protocol) -> service id and backend count.
 #[btf_map]
-pub static FRONTENDS4: HashMap<Frontend4Key, Service4, 65_536> = HashMap::new();
+pub static FRONTENDS4: HashMap<Frontend4Key, Service4, 65_536, NO_PREALLOC> = HashMap::new();
 
 /// (service id, slot) -> backend id.
 #[btf_map]
-pub static SLOTS: HashMap<SlotKey, Slot, 262_144> = HashMap::new();
+pub static SLOTS: HashMap<SlotKey, Slot, 262_144, NO_PREALLOC> = HashMap::new();
+
+/// (service id, Maglev table index) -> backend id, for services using Maglev.
+#[btf_map]
+pub static MAGLEV4: HashMap<SlotKey, Slot, 1_048_576, NO_PREALLOC> = HashMap::new();
+
+/// (service id, client address) -> backend last given, for `sessionAffinity: ClientIP`.
+#[btf_map]
+pub static AFFINITY4: LruHashMap<AffinityKey4, AffinityEntry, 65_536> = LruHashMap::new();
+
+/// Ports of fragmented datagrams, learnt from their first fragment.
+#[btf_map]
+pub static FRAG4: LruHashMap<FragKey4, FragPorts, 8_192> = LruHashMap::new();
 
 /// Backend id -> backend address, port and state.
 #[btf_map]
-pub static BACKENDS4: HashMap<u32, Backend4, 262_144> = HashMap::new();
+pub static BACKENDS4: HashMap<u32, Backend4, 262_144, NO_PREALLOC> = HashMap::new();
 
 /// Per-flow state, two entries per flow (forward and reply). LRU: a full table evicts the
 /// oldest flow instead of refusing new ones.
@@ -37,3 +56,11 @@ pub static REPLY_FILTER: Array<u32, { REPLY_FILTER_SIZE as usize }> = Array::new
 /// Per-CPU outcome counters, indexed by `proxy_common::stats::STAT_*`.
 #[btf_map]
 pub static STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::new();
+
+/// Per-service traffic counters, indexed by service id.
+#[btf_map]
+pub static SVC_STATS: PerCpuArray<SvcStats, 65_536> = PerCpuArray::new();
+
+/// Maglev table size (a prime), set by the controller at load time.
+#[unsafe(no_mangle)]
+pub static MAGLEV_TABLE_SIZE: u32 = proxy_common::service::DEFAULT_MAGLEV_TABLE_SIZE;

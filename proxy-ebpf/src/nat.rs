@@ -2,7 +2,7 @@
 
 use crate::{
     packet::{Packet, RewriteError},
-    parse::{Flow4, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF},
+    parse::{Flow4, Frag, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF},
 };
 
 /// Offsets of the source and destination port in TCP, UDP and SCTP headers alike.
@@ -21,8 +21,9 @@ pub fn dnat<P: Packet>(pkt: &P, flow: &Flow4, addr: u32, port: u16) -> Result<()
             flow.l4_csum,
         )?;
     }
-    // The controller never asks for a port rewrite on SCTP (its CRC32c covers the ports).
-    if flow.dport != port {
+    // The controller never asks for a port rewrite on SCTP (its CRC32c covers the ports). A
+    // later fragment has no ports: its first fragment carried them.
+    if flow.dport != port && flow.frag != Frag::Later {
         pkt.set_port(flow.l4_off + L4_DPORT_OFF, flow.dport, port, flow.l4_csum)?;
     }
     Ok(())
@@ -40,7 +41,7 @@ pub fn snat<P: Packet>(pkt: &P, flow: &Flow4, addr: u32, port: u16) -> Result<()
             flow.l4_csum,
         )?;
     }
-    if flow.sport != port {
+    if flow.sport != port && flow.frag != Frag::Later {
         pkt.set_port(flow.l4_off + L4_SPORT_OFF, flow.sport, port, flow.l4_csum)?;
     }
     Ok(())

@@ -44,7 +44,7 @@ impl fmt::Display for Protocol {
 }
 
 /// A Service's identity.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceName {
     pub namespace: String,
     pub name: String,
@@ -87,14 +87,30 @@ pub struct Backend {
     pub state: BackendState,
 }
 
+/// How new flows pick a backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Algorithm {
+    /// Uniformly at random.
+    #[default]
+    Random,
+    /// Maglev consistent hashing of the 5-tuple.
+    Maglev,
+}
+
 /// What one frontend should do.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FrontendState {
     pub service: ServiceName,
     /// The Service port's name ("" when unnamed).
     pub port_name: String,
     /// Backends sorted by (addr, port), each address:port once.
     pub backends: Vec<Backend>,
+    /// `sessionAffinity: ClientIP` timeout in seconds.
+    pub affinity_timeout_s: Option<u32>,
+    pub algorithm: Algorithm,
+    /// With no active backend: drop (endpoints exist, none usable for traffic here) rather
+    /// than reject (no endpoints at all).
+    pub drop_when_empty: bool,
 }
 
 impl FrontendState {

@@ -2,11 +2,14 @@
 
 use std::collections::HashMap as StdHashMap;
 
-use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
+use aya::{
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues},
+    util::nr_cpus,
+};
 use proxy_common::{
     backend::{BACKENDS4, Backend4, REPLY_FILTER, REPLY_FILTER_SIZE},
-    service::{FRONTENDS4, Frontend4Key, SLOTS, Service4, Slot, SlotKey},
-    stats::{STAT_COUNT, STATS},
+    service::{FRONTENDS4, Frontend4Key, MAGLEV4, SLOTS, Service4, Slot, SlotKey},
+    stats::{STAT_COUNT, STATS, SVC_STATS, SvcStats},
 };
 
 use crate::{
@@ -18,15 +21,26 @@ pub struct KernelMaps {
     frontends: HashMap<MapData, Frontend4Key, Service4>,
     slots: HashMap<MapData, SlotKey, Slot>,
     backends: HashMap<MapData, u32, Backend4>,
+    maglev: HashMap<MapData, SlotKey, Slot>,
     filter: Array<MapData, u32>,
+    svc_stats: PerCpuArray<MapData, SvcStats>,
+    cpus: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     #[error(transparent)]
-    Load(#[from] LoadError),
+    Load(Box<LoadError>),
     #[error("map has an unexpected type or layout: {0}")]
     Map(#[from] MapError),
+    #[error("cannot count the possible CPUs ({0}): {1}")]
+    Cpus(&'static str, std::io::Error),
+}
+
+impl From<LoadError> for OpenError {
+    fn from(e: LoadError) -> Self {
+        Self::Load(Box::new(e))
+    }
 }
 
 impl KernelMaps {
@@ -36,7 +50,10 @@ impl KernelMaps {
             frontends: HashMap::try_from(dp.take_map(FRONTENDS4)?)?,
             slots: HashMap::try_from(dp.take_map(SLOTS)?)?,
             backends: HashMap::try_from(dp.take_map(BACKENDS4)?)?,
+            maglev: HashMap::try_from(dp.take_map(MAGLEV4)?)?,
             filter: Array::try_from(dp.take_map(REPLY_FILTER)?)?,
+            svc_stats: PerCpuArray::try_from(dp.take_map(SVC_STATS)?)?,
+            cpus: nr_cpus().map_err(|(what, e)| OpenError::Cpus(what, e))?,
         })
     }
 }
@@ -89,6 +106,20 @@ impl MapOps for KernelMaps {
         ignore_missing(self.backends.remove(&id)).map_err(map_err(BACKENDS4, "remove"))
     }
 
+    fn put_maglev(&mut self, key: SlotKey, value: Slot) -> Result<(), WriteError> {
+        self.maglev.insert(key, value, 0).map_err(map_err(MAGLEV4, "insert"))
+    }
+
+    fn del_maglev(&mut self, key: SlotKey) -> Result<(), WriteError> {
+        ignore_missing(self.maglev.remove(&key)).map_err(map_err(MAGLEV4, "remove"))
+    }
+
+    fn reset_svc_stats(&mut self, svc_id: u32) -> Result<(), WriteError> {
+        let zero = PerCpuValues::try_from(vec![SvcStats::default(); self.cpus])
+            .map_err(|e| WriteError::Map { map: SVC_STATS, op: "set", reason: e.to_string() })?;
+        self.svc_stats.set(svc_id, zero, 0).map_err(map_err(SVC_STATS, "set"))
+    }
+
     fn filter_add(&mut self, slot: u32, delta: i32) -> Result<(), WriteError> {
         let cur = self
             .filter
@@ -117,6 +148,11 @@ impl MapOps for KernelMaps {
                 .iter()
                 .collect::<Result<_, _>>()
                 .map_err(map_err(BACKENDS4, "iterate"))?,
+            maglev: self
+                .maglev
+                .iter()
+                .collect::<Result<_, _>>()
+                .map_err(map_err(MAGLEV4, "iterate"))?,
         })
     }
 

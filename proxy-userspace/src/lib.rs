@@ -8,6 +8,7 @@ pub mod desired;
 pub mod iface;
 pub mod kernel_maps;
 pub mod loader;
+pub mod maglev;
 pub mod manifest;
 pub mod planner;
 pub mod run;

@@ -18,11 +18,15 @@ use aya::{
 };
 use proxy_common::{
     backend::{BACKENDS4, Backend4, DEFAULT_BACKENDS, REPLY_FILTER, REPLY_FILTER_SIZE},
-    conntrack::{CT4, CtEntry4, CtKey4, DEFAULT_CT},
-    service::{
-        DEFAULT_FRONTENDS, DEFAULT_SLOTS, FRONTENDS4, Frontend4Key, SLOTS, Service4, Slot, SlotKey,
+    conntrack::{
+        AFFINITY4, AffinityEntry, AffinityKey4, CT4, CtEntry4, CtKey4, DEFAULT_AFFINITY, DEFAULT_CT,
+        DEFAULT_FRAG, FRAG4, FragKey4, FragPorts,
     },
-    stats::{STAT_COUNT, STATS},
+    service::{
+        DEFAULT_FRONTENDS, DEFAULT_MAGLEV_ENTRIES, DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_SLOTS,
+        FRONTENDS4, Frontend4Key, MAGLEV_TABLE_SIZE_GLOBAL, MAGLEV4, SLOTS, Service4, Slot, SlotKey,
+    },
+    stats::{STAT_COUNT, STATS, SVC_STATS, SvcStats},
 };
 use thiserror::Error;
 
@@ -41,13 +45,24 @@ pub enum Hook {
     Xdp,
 }
 
-/// Map sizes, set at load time.
+/// Map sizes and the Maglev table size, set at load time.
+///
+/// Memory at the defaults: the controller-written maps (frontends, slots, backends, Maglev) are
+/// not preallocated and cost about 80-100 bytes per entry in use (64k Services x 4 backends:
+/// ~30 MiB); conntrack is preallocated: 512k entries x ~112 bytes = ~56 MiB; affinity 64k x
+/// ~88 bytes = ~6 MiB; per-Service counters 24 bytes x CPUs x 64k = 1.5 MiB per CPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapSizes {
+    /// Frontends, which also bounds service ids (per-Service counters are indexed by them).
     pub frontends: u32,
     pub slots: u32,
     pub backends: u32,
     pub conntrack: u32,
+    pub affinity: u32,
+    /// Entries of all Maglev tables together (services using Maglev x table size).
+    pub maglev_entries: u32,
+    /// Maglev table size per service: a prime.
+    pub maglev_table_size: u32,
 }
 
 impl Default for MapSizes {
@@ -57,6 +72,9 @@ impl Default for MapSizes {
             slots: DEFAULT_SLOTS,
             backends: DEFAULT_BACKENDS,
             conntrack: DEFAULT_CT,
+            affinity: DEFAULT_AFFINITY,
+            maglev_entries: DEFAULT_MAGLEV_ENTRIES,
+            maglev_table_size: DEFAULT_MAGLEV_TABLE_SIZE,
         }
     }
 }
@@ -65,6 +83,8 @@ impl Default for MapSizes {
 pub enum LoadError {
     #[error("this svcproxy binary was built without its eBPF object (AYA_BUILD_SKIP); rebuild it")]
     NoObject,
+    #[error("Maglev table size {0} is not a prime; pick one such as 16381 or 65521")]
+    MaglevNotPrime(u32),
     #[error("{path} is not on a bpf filesystem; mount one with `mount -t bpf bpf /sys/fs/bpf`")]
     NotBpffs { path: PathBuf },
     #[error("cannot create pin directory {path}: {source}")]
@@ -120,8 +140,14 @@ pub struct Datapath {
 }
 
 /// Names, key/value sizes and max entries of every map, for pin compatibility checks.
-fn map_specs(sizes: &MapSizes) -> [(&'static str, u32, u32, u32); 6] {
+fn map_specs(sizes: &MapSizes) -> [(&'static str, u32, u32, u32); 10] {
     [
+        (MAGLEV4, size_of::<SlotKey>() as u32, size_of::<Slot>() as u32, sizes.maglev_entries),
+        (AFFINITY4, size_of::<AffinityKey4>() as u32, size_of::<AffinityEntry>() as u32,
+            sizes.affinity),
+        (FRAG4, size_of::<FragKey4>() as u32, size_of::<FragPorts>() as u32, DEFAULT_FRAG),
+        // Service ids run from 1 to `frontends`.
+        (SVC_STATS, 4, size_of::<SvcStats>() as u32, sizes.frontends + 1),
         (
             FRONTENDS4,
             size_of::<Frontend4Key>() as u32,
@@ -152,6 +178,9 @@ impl Datapath {
         if EBPF_OBJECT.is_empty() {
             return Err(LoadError::NoObject);
         }
+        if !is_prime(sizes.maglev_table_size) {
+            return Err(LoadError::MaglevNotPrime(sizes.maglev_table_size));
+        }
         prepare_pin_dir(pin_dir)?;
         let specs = map_specs(sizes);
         check_pins(pin_dir, &specs)?;
@@ -160,6 +189,7 @@ impl Datapath {
             .map(|(name, ..)| (*name, pin_dir.join(name)))
             .collect();
         let mut loader = EbpfLoader::new();
+        loader.override_global(MAGLEV_TABLE_SIZE_GLOBAL, &sizes.maglev_table_size, true);
         for (name, _, _, max) in &specs {
             loader.map_max_entries(name, *max);
         }
@@ -264,6 +294,17 @@ impl Datapath {
         })
     }
 
+    /// A tc program of the object other than the datapath (the benchmark's reference
+    /// programs), loaded on first use. The product never attaches these.
+    pub fn bench_program(&mut self, name: &'static str) -> Result<&mut SchedClassifier, LoadError> {
+        let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
+        if prog.fd().is_err() {
+            prog.load()
+                .map_err(|source| LoadError::Program { name, source })?;
+        }
+        Ok(prog)
+    }
+
     /// Detaches from every interface. Maps stay pinned so a restart adopts them.
     pub fn detach_all(&mut self) {
         for (iface, attachment) in std::mem::take(&mut self.attached) {
@@ -349,4 +390,19 @@ fn check_pins(dir: &Path, specs: &[(&'static str, u32, u32, u32)]) -> Result<(),
         }
     }
     Ok(())
+}
+
+/// Trial division: table sizes are below 2^32 and checked once at load.
+pub fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let mut d = 2u64;
+    while d * d <= n as u64 {
+        if n as u64 % d == 0 {
+            return false;
+        }
+        d += 1;
+    }
+    true
 }

@@ -51,6 +51,15 @@ struct RunArgs {
     /// Maximum number of conntrack entries (two per flow).
     #[arg(long, default_value_t = MapSizes::default().conntrack)]
     max_flows: u32,
+    /// Maximum number of session-affinity entries (one per client and Service).
+    #[arg(long, default_value_t = MapSizes::default().affinity)]
+    max_affinity: u32,
+    /// Maglev table size per Service using `svcproxy.io/lb-algorithm: maglev`; a prime.
+    #[arg(long, default_value_t = MapSizes::default().maglev_table_size)]
+    maglev_table_size: u32,
+    /// Maximum number of Maglev table entries over all Services using it.
+    #[arg(long, default_value_t = MapSizes::default().maglev_entries)]
+    max_maglev_entries: u32,
 }
 
 fn main() -> ExitCode {
@@ -75,6 +84,9 @@ fn main() -> ExitCode {
                     slots: args.max_slots,
                     backends: args.max_backends,
                     conntrack: args.max_flows,
+                    affinity: args.max_affinity,
+                    maglev_entries: args.max_maglev_entries,
+                    maglev_table_size: args.maglev_table_size,
                 },
             };
             tokio::runtime::Builder::new_multi_thread()

@@ -22,7 +22,8 @@ use k8s_openapi::api::{
 use thiserror::Error;
 
 use crate::desired::{
-    Backend, BackendState, Desired, Frontend, FrontendState, Protocol, Rejection, ServiceName,
+    Algorithm, Backend, BackendState, Desired, Frontend, FrontendState, Protocol, Rejection,
+    ServiceName,
 };
 
 /// Services carrying this label belong to another proxy (any value, unless it equals
@@ -34,6 +35,10 @@ pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 /// The legacy way a Service asks for topology-aware routing ("Auto"/"auto").
 pub const ANNOTATION_TOPOLOGY_MODE: &str = "service.kubernetes.io/topology-mode";
+/// svcproxy's own annotation choosing how new flows pick a backend: `random` (default) or
+/// `maglev` (consistent hashing of the 5-tuple: the same flow maps to the same backend on every
+/// node, and a backend change moves few flows).
+pub const ANNOTATION_LB_ALGORITHM: &str = "svcproxy.io/lb-algorithm";
 /// Namespace of an object that names none (only hand-written objects lack one).
 const DEFAULT_NAMESPACE: &str = "default";
 
@@ -95,6 +100,13 @@ pub enum PlanError {
     PortOutOfRange { name: String, number: i32 },
     #[error("port {name:?} has protocol {protocol:?}; only TCP, UDP and SCTP are proxied")]
     UnknownProtocol { name: String, protocol: String },
+    #[error(
+        "SCTP frontend {frontend} would need its port rewritten to {target}: SCTP's CRC32c covers \
+         the ports, so svcproxy does not translate it; make targetPort equal port"
+    )]
+    SctpPortRewrite { frontend: Frontend, target: u16 },
+    #[error("annotation {ANNOTATION_LB_ALGORITHM} is {value:?}; use \"random\" or \"maglev\" (using random)")]
+    UnknownAlgorithm { value: String },
     #[error(
         "frontend {frontend} is already served by the older Service {owner}; this Service does \
          not get it until one of them changes"
@@ -182,6 +194,14 @@ enum FrontendSource {
     ClusterIp,
 }
 
+/// What a frontend inherits from its Service besides backends.
+#[derive(Clone, Copy)]
+struct FrontendTraits {
+    affinity_timeout_s: Option<u32>,
+    algorithm: Algorithm,
+    drop_when_empty: bool,
+}
+
 /// One `spec.ports` entry.
 struct ServicePortSpec {
     name: String,
@@ -232,16 +252,50 @@ impl Planner<'_> {
 
         let source = FrontendSource::ClusterIp;
         let policy = traffic_policy(svc, source);
+        let traits = FrontendTraits {
+            affinity_timeout_s: client_ip_affinity_timeout(svc),
+            algorithm: self.algorithm(svc, &service),
+            drop_when_empty: false,
+        };
         for port in &ports {
             let candidates = merge_endpoints(&parsed, &port.name, port.protocol);
             let backends = select_backends(&candidates, policy, self.node);
+            // kube-proxy's hasAnyEndpoints: with none usable anywhere, reject; with some usable
+            // elsewhere but none for this traffic here, drop.
+            let usable_anywhere = candidates
+                .iter()
+                .any(|c| c.endpoint.ready || (c.endpoint.serving && c.endpoint.terminating));
+            let drop_when_empty = usable_anywhere
+                && !backends.iter().any(|b| b.state == BackendState::Active);
             for &addr in &addrs {
                 let frontend = Frontend {
                     addr,
                     port: port.port,
                     protocol: port.protocol,
                 };
-                self.add_frontend(frontend, &service, &port.name, &backends);
+                if port.protocol == Protocol::Sctp
+                    && let Some(b) = backends.iter().find(|b| b.port != port.port)
+                {
+                    let error = PlanError::SctpPortRewrite { frontend, target: b.port };
+                    self.reject_service(&service.namespace, &service.name, error);
+                    continue;
+                }
+                let traits = FrontendTraits { drop_when_empty, ..traits };
+                self.add_frontend(frontend, &service, &port.name, &backends, traits);
+            }
+        }
+    }
+
+    /// The Service's backend selection, from svcproxy's annotation.
+    fn algorithm(&mut self, svc: &Service, service: &ServiceName) -> Algorithm {
+        match svc.metadata.annotations.as_ref().and_then(|a| a.get(ANNOTATION_LB_ALGORITHM)) {
+            None => Algorithm::Random,
+            Some(v) if v == "random" => Algorithm::Random,
+            Some(v) if v == "maglev" => Algorithm::Maglev,
+            Some(v) => {
+                let error = PlanError::UnknownAlgorithm { value: v.clone() };
+                self.reject_service(&service.namespace, &service.name, error);
+                Algorithm::Random
             }
         }
     }
@@ -252,6 +306,7 @@ impl Planner<'_> {
         service: &ServiceName,
         port_name: &str,
         backends: &[Backend],
+        traits: FrontendTraits,
     ) {
         let error = match self.out.frontends.entry(frontend) {
             Entry::Vacant(slot) => {
@@ -259,6 +314,9 @@ impl Planner<'_> {
                     service: service.clone(),
                     port_name: port_name.to_owned(),
                     backends: backends.to_vec(),
+                    affinity_timeout_s: traits.affinity_timeout_s,
+                    algorithm: traits.algorithm,
+                    drop_when_empty: traits.drop_when_empty,
                 });
                 return;
             }

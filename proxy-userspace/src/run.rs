@@ -15,7 +15,7 @@ use crate::{
     loader::{Datapath, Hook, MapSizes},
     manifest::{self, DirFingerprint},
     planner::{self, NodeInfo, PlanInput, PlanOptions},
-    writer::MapWriter,
+    writer::{MapWriter, WriterConfig},
 };
 
 /// How often the manifest directory is checked for changes.
@@ -82,7 +82,12 @@ async fn drain_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
 }
 
 async fn sync_loop(dp: &mut Datapath, opts: &RunOptions) -> anyhow::Result<()> {
-    let mut writer = MapWriter::adopt(KernelMaps::take(dp)?).context("adopting pinned maps")?;
+    let config = WriterConfig {
+        max_frontends: opts.sizes.frontends,
+        maglev_table_size: opts.sizes.maglev_table_size,
+    };
+    let mut writer =
+        MapWriter::adopt(KernelMaps::take(dp)?, config).context("adopting pinned maps")?;
     tracing::info!(frontends = writer.frontend_count(), pin_path = %opts.pin_path.display(),
         "datapath ready");
     let node = NodeInfo { name: opts.node_name.clone(), zone: None };

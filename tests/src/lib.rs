@@ -8,19 +8,24 @@
 //!   default route via 169.254.1.1 and a permanent neighbour entry for it; the other end
 //!   sits in the node namespace with a /32 route and a permanent neighbour entry for the pod.
 //!   MACs are fixed at creation, so nothing ever ARPs;
-//! - every pod runs in-process TCP and UDP echo servers (protocol in [`echo`]).
+//! - every pod runs in-process TCP and UDP echo servers (protocol in [`echo`]);
+//! - a **router pod** ([`Sandbox::add_router_pod`]) is a pod that also forwards: pods added
+//!   behind it ([`Sandbox::add_pod_behind`]) reach the node only through it, over a link whose
+//!   MTU the test picks, so the path has a real hop that can send ICMP errors.
 //!
 //! Names carry a per-sandbox prefix (tag, pid, counter), so sandboxes in parallel tests do
 //! not collide. Dropping a [`Sandbox`] deletes everything it made, also during a panic.
 //!
 //! Clients: [`tcp_request`] / [`udp_request`] enter a namespace for one exchange; inside
-//! [`in_netns`], [`tcp_request_here`] / [`udp_request_here`] do many on one thread.
+//! [`in_netns`], [`tcp_request_here`] / [`udp_request_here`] do many on one thread; [`sockopt`]
+//! has the socket controls (path MTU, ICMP error queue, fixed source ports) beyond `std::net`.
 
 pub mod client;
 pub mod cmd;
 pub mod echo;
 pub mod netns;
 pub mod sandbox;
+pub mod sockopt;
 
 pub use client::{RequestError, tcp_request, tcp_request_here, udp_request, udp_request_here};
 pub use echo::{bulk_byte, bulk_pattern};

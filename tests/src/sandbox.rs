@@ -51,7 +51,8 @@ pub struct PodInfo {
     pub netns: String,
     /// Its IP (on `eth0`, as a /32).
     pub ip: Ipv4Addr,
-    /// The host-side veth, in the node namespace.
+    /// The host-side veth, in the node namespace. For a pod behind a router
+    /// ([`Sandbox::add_pod_behind`]): the router's, the node-side veth its traffic crosses.
     pub host_veth: String,
 }
 
@@ -98,6 +99,18 @@ impl PodOptions {
 struct Pod {
     info: PodInfo,
     servers: EchoServers,
+    uplink: Uplink,
+}
+
+/// Where the other end of a pod's `eth0` lives, which decides what deleting the pod involves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Uplink {
+    /// In the node namespace: [`PodInfo::host_veth`], plus the node's /32 route through it.
+    Node,
+    /// In a router pod's namespace (`link` there), plus the node's /32 route via the router.
+    Router { netns: String, link: String },
+    /// A router pod: on the node like any pod, and forwarding for the pods behind it.
+    NodeRouter,
 }
 
 /// A node namespace plus pods; see the crate docs for the topology.
@@ -206,6 +219,35 @@ impl Sandbox {
         ip: Ipv4Addr,
         options: PodOptions,
     ) -> Result<PodInfo> {
+        let index = self.reserve_pod(name, ip)?;
+        let info = PodInfo {
+            name: name.to_owned(),
+            netns: format!("{}-{name}", self.prefix),
+            ip,
+            host_veth: format!("{}p{index}", self.prefix),
+        };
+        let servers = match self.setup_pod(&info, options) {
+            Ok(servers) => servers,
+            Err(e) => {
+                // Undo the half-made pod; the original error is the one worth reporting.
+                let _ = self.delete_pod_parts(&info, &Uplink::Node);
+                return Err(e.context(format!("sandbox {}: add pod {name} ({ip})", self.prefix)));
+            }
+        };
+        self.pods.insert(
+            name.to_owned(),
+            Pod {
+                info: info.clone(),
+                servers,
+                uplink: Uplink::Node,
+            },
+        );
+        Ok(info)
+    }
+
+    /// Checks that a new pod's name and IP are free and takes the next pod index (which
+    /// numbers its veth names).
+    fn reserve_pod(&mut self, name: &str, ip: Ipv4Addr) -> Result<u32> {
         validate_pod_name(name)?;
         ensure!(
             !self.pods.contains_key(name),
@@ -232,18 +274,75 @@ impl Sandbox {
             10u32.pow(POD_INDEX_DIGITS as u32)
         );
         self.next_pod_index += 1;
+        Ok(index)
+    }
+
+    /// Adds a router pod: a pod like [`add_pod`](Self::add_pod) (echo servers included) that
+    /// also forwards IPv4, for pods placed behind it with [`add_pod_behind`](Self::add_pod_behind).
+    ///
+    /// Being a real hop, it does what routers do to traffic crossing it: decrements the TTL and
+    /// answers a DF packet too big for the next link with ICMP "fragmentation needed".
+    pub fn add_router_pod(&mut self, name: &str, ip: Ipv4Addr) -> Result<PodInfo> {
+        let info = self.add_pod(name, ip)?;
+        if let Err(e) = set_sysctls(&info.netns, &[("net/ipv4/ip_forward", "1")]) {
+            let _ = self.remove_pod(name);
+            return Err(e.context(format!("sandbox {}: make pod {name} a router", self.prefix)));
+        }
+        if let Some(pod) = self.pods.get_mut(name) {
+            pod.uplink = Uplink::NodeRouter;
+        }
+        Ok(info)
+    }
+
+    /// Adds a pod that hangs off the router pod `router` instead of the node: its `eth0` is a
+    /// veth to the router (both ends with `mtu`), the router routes `ip`/32 to it, and the node
+    /// routes `ip`/32 via the router. Otherwise a pod as [`add_pod_with`](Self::add_pod_with)
+    /// makes (address, default route via [`POD_GATEWAY`], static neighbours, echo servers).
+    ///
+    /// A small `mtu` makes the router the hop where a DF packet no longer fits, so it sends
+    /// ICMP "fragmentation needed" back to the sender, as a real path would.
+    pub fn add_pod_behind(
+        &mut self,
+        router: &str,
+        name: &str,
+        ip: Ipv4Addr,
+        mtu: u32,
+        options: PodOptions,
+    ) -> Result<PodInfo> {
+        let (router_netns, router_ip, router_veth) = match self.pods.get(router) {
+            Some(p) if p.uplink == Uplink::NodeRouter => {
+                (p.info.netns.clone(), p.info.ip, p.info.host_veth.clone())
+            }
+            Some(_) => bail!(
+                "sandbox {}: pod {router} is no router (add it with add_router_pod)",
+                self.prefix
+            ),
+            None => bail!("sandbox {}: no router pod named {router}", self.prefix),
+        };
+        ensure!(
+            (68..=65535).contains(&mtu),
+            "sandbox {}: MTU {mtu} for pod {name} is outside 68..=65535",
+            self.prefix
+        );
+        let index = self.reserve_pod(name, ip)?;
         let info = PodInfo {
             name: name.to_owned(),
             netns: format!("{}-{name}", self.prefix),
             ip,
-            host_veth: format!("{}p{index}", self.prefix),
+            host_veth: router_veth,
         };
-        let servers = match self.setup_pod(&info, options) {
+        let uplink = Uplink::Router {
+            netns: router_netns,
+            link: format!("{}r{index}", self.prefix),
+        };
+        let servers = match self.setup_pod_behind(&info, &uplink, router_ip, mtu, options) {
             Ok(servers) => servers,
             Err(e) => {
-                // Undo the half-made pod; the original error is the one worth reporting.
-                let _ = self.delete_pod_parts(&info);
-                return Err(e.context(format!("sandbox {}: add pod {name} ({ip})", self.prefix)));
+                let _ = self.delete_pod_parts(&info, &uplink);
+                return Err(e.context(format!(
+                    "sandbox {}: add pod {name} ({ip}) behind {router}",
+                    self.prefix
+                )));
             }
         };
         self.pods.insert(
@@ -251,9 +350,65 @@ impl Sandbox {
             Pod {
                 info: info.clone(),
                 servers,
+                uplink,
             },
         );
         Ok(info)
+    }
+
+    fn setup_pod_behind(
+        &self,
+        pod: &PodInfo,
+        uplink: &Uplink,
+        router_ip: Ipv4Addr,
+        mtu: u32,
+        options: PodOptions,
+    ) -> Result<EchoServers> {
+        let Uplink::Router { netns: router, link } = uplink else {
+            bail!("pod {} is not behind a router", pod.name);
+        };
+        let (node, ns, hv) = (&self.node_netns, &pod.netns, &pod.host_veth);
+        // Same MAC scheme as pods on the node: the router's end plays the host veth's part.
+        let [a, b, c, d] = pod.ip.octets();
+        let gw_mac = format!("02:48:{a:02x}:{b:02x}:{c:02x}:{d:02x}");
+        let pod_mac = format!("02:50:{a:02x}:{b:02x}:{c:02x}:{d:02x}");
+        let (pod_ip, gw, eth0) = (pod.ip, POD_GATEWAY, POD_IFACE);
+
+        ip(["netns", "add", ns])?;
+        set_sysctls(ns, &[])?;
+        ip_in(
+            router,
+            &format!(
+                "link add {link} address {gw_mac} mtu {mtu} type veth peer name {eth0} address {pod_mac} mtu {mtu} netns {ns}"
+            ),
+        )?;
+        ip_in(ns, "link set lo up")?;
+        ip_in(ns, &format!("addr add {pod_ip}/32 dev {eth0}"))?;
+        ip_in(ns, &format!("link set {eth0} up"))?;
+        ip_in(router, &format!("link set {link} up"))?;
+        ip_in(ns, &format!("route add default via {gw} dev {eth0} onlink"))?;
+        ip_in(
+            ns,
+            &format!("neigh replace {gw} lladdr {gw_mac} dev {eth0} nud permanent"),
+        )?;
+        ip_in(router, &format!("route add {pod_ip}/32 dev {link}"))?;
+        ip_in(
+            router,
+            &format!("neigh replace {pod_ip} lladdr {pod_mac} dev {link} nud permanent"),
+        )?;
+        // The node already has a permanent neighbour entry for the router, so this never ARPs.
+        ip_in(node, &format!("route add {pod_ip}/32 via {router_ip} dev {hv} onlink"))?;
+        EchoServers::start(
+            ns,
+            EchoConfig {
+                name: pod.name.clone(),
+                greeting: options
+                    .greeting
+                    .unwrap_or_else(|| format!("{}\n", pod.name)),
+                tcp_ports: options.tcp_ports,
+                udp_ports: options.udp_ports,
+            },
+        )
     }
 
     fn setup_pod(&self, pod: &PodInfo, options: PodOptions) -> Result<EchoServers> {
@@ -307,25 +462,59 @@ impl Sandbox {
 
     /// Stops a pod's servers and deletes its veth pair, namespace and `/etc/netns` directory.
     pub fn remove_pod(&mut self, name: &str) -> Result<()> {
+        let router_netns = self.pods.get(name).map(|p| p.info.netns.clone());
+        if let Some(behind) = self.pods.values().find(|p| {
+            matches!(&p.uplink, Uplink::Router { netns, .. } if Some(netns) == router_netns.as_ref())
+        }) {
+            bail!(
+                "sandbox {}: pod {} is behind router {name}; remove it first",
+                self.prefix,
+                behind.info.name
+            );
+        }
         let mut pod = self
             .pods
             .remove(name)
             .ok_or_else(|| anyhow!("sandbox {}: no pod named {name}", self.prefix))?;
         // Sockets hold the namespace: close them before deleting it so it really goes away.
         pod.servers.stop();
-        self.delete_pod_parts(&pod.info)
+        self.delete_pod_parts(&pod.info, &pod.uplink)
             .with_context(|| format!("sandbox {}: remove pod {name}", self.prefix))
     }
 
-    /// Deletes whatever exists of a pod's veth, namespace and hosts directory, trying every
-    /// step even when one fails.
-    fn delete_pod_parts(&self, pod: &PodInfo) -> Result<()> {
+    /// Deletes whatever exists of a pod's veth, node route, namespace and hosts directory,
+    /// trying every step even when one fails.
+    fn delete_pod_parts(&self, pod: &PodInfo, uplink: &Uplink) -> Result<()> {
         let mut problems = Vec::new();
-        if self.node_created && link_exists(&self.node_netns, &pod.host_veth) {
-            // Deleting one end deletes both at once; waiting for the namespace to be
-            // destroyed would leave the host end around for a while.
-            if let Err(e) = ip(["-n", &self.node_netns, "link", "del", &pod.host_veth]) {
-                problems.push(format!("{e:#}"));
+        match uplink {
+            Uplink::Node | Uplink::NodeRouter => {
+                if self.node_created && link_exists(&self.node_netns, &pod.host_veth) {
+                    // Deleting one end deletes both at once; waiting for the namespace to be
+                    // destroyed would leave the host end around for a while.
+                    if let Err(e) = ip(["-n", &self.node_netns, "link", "del", &pod.host_veth]) {
+                        problems.push(format!("{e:#}"));
+                    }
+                }
+            }
+            Uplink::Router { netns, link } => {
+                // The router (and with it this link) may already be gone during teardown.
+                if netns_exists(netns)
+                    && link_exists(netns, link)
+                    && let Err(e) = ip(["-n", netns, "link", "del", link])
+                {
+                    problems.push(format!("{e:#}"));
+                }
+                // The node's route via the router outlives this pod unless deleted; it goes
+                // by itself only with the router's veth.
+                let dest = format!("{}/32", pod.ip);
+                if self.node_created
+                    && netns_exists(&self.node_netns)
+                    && ip(["-n", &self.node_netns, "route", "show", "exact", &dest])
+                        .is_ok_and(|r| !r.trim().is_empty())
+                    && let Err(e) = ip(["-n", &self.node_netns, "route", "del", &dest])
+                {
+                    problems.push(format!("{e:#}"));
+                }
             }
         }
         if netns_exists(&pod.netns)
@@ -401,7 +590,7 @@ impl Sandbox {
         let pods = std::mem::take(&mut self.pods);
         for (_, mut pod) in pods {
             pod.servers.stop();
-            if let Err(e) = self.delete_pod_parts(&pod.info) {
+            if let Err(e) = self.delete_pod_parts(&pod.info, &pod.uplink) {
                 problems.push(format!("{e:#}"));
             }
         }

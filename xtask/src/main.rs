@@ -1,5 +1,6 @@
 //! Developer commands for svcproxy (`cargo xtask ...`): `setup` installs the toolchain,
 //! `test` is the full CI pass, `run` is the demo.
+mod bench;
 mod run;
 mod setup;
 mod test;
@@ -26,6 +27,8 @@ enum Cmd {
     Test(test::TestArgs),
     /// The demo: svcproxy balancing a Service across pods in a network-namespace sandbox.
     Run(run::RunArgs),
+    /// Benchmarks (PERF.md): print a table and write it under bench/results/.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -33,6 +36,7 @@ fn main() -> ExitCode {
         Cmd::Setup => setup::setup(),
         Cmd::Test(args) => test::test(args),
         Cmd::Run(args) => run::run(args),
+        Cmd::Bench(args) => bench::bench(args),
     };
     // One line with the whole context chain; a backtrace of the xtask itself (printed by
     // anyhow when RUST_BACKTRACE is set) would only bury the message.

@@ -11,6 +11,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use aya::maps::{Map, MapData, PerCpuArray};
+use proxy_common::stats::{STAT_NAMES, STATS};
 use serde_json::{Value, json};
 use svcproxy_tests::{Sandbox, in_netns, tcp_request_here};
 
@@ -84,16 +86,37 @@ impl Manifests {
     }
 
     pub fn service(&self, ns: &str, name: &str, ip: Ipv4Addr, ports: &[SvcPort]) {
+        self.service_with(ns, name, ip, ports, json!({}), &[]);
+    }
+
+    /// Like [`service`](Self::service), with more `spec` fields (e.g.
+    /// `{"sessionAffinity": "ClientIP"}`; they override the generated ones) and annotations.
+    pub fn service_with(
+        &self,
+        ns: &str,
+        name: &str,
+        ip: Ipv4Addr,
+        ports: &[SvcPort],
+        extra_spec: Value,
+        annotations: &[(&str, &str)],
+    ) {
         let ports: Vec<Value> = ports
             .iter()
             .map(|p| json!({"name": p.name, "port": p.port, "protocol": p.protocol, "targetPort": p.target}))
             .collect();
+        let mut spec = json!({"clusterIP": ip.to_string(), "clusterIPs": [ip.to_string()], "ports": ports});
+        let Value::Object(extra) = extra_spec else {
+            panic!("extra spec of Service {ns}/{name} must be a JSON object, got {extra_spec}");
+        };
+        spec.as_object_mut().expect("spec is an object").extend(extra);
+        let annotations: serde_json::Map<String, Value> =
+            annotations.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
         self.write(
             &format!("{ns}-{name}-svc.json"),
             &json!({
                 "apiVersion": "v1", "kind": "Service",
-                "metadata": {"name": name, "namespace": ns},
-                "spec": {"clusterIP": ip.to_string(), "clusterIPs": [ip.to_string()], "ports": ports},
+                "metadata": {"name": name, "namespace": ns, "annotations": annotations},
+                "spec": spec,
             }),
         );
     }
@@ -164,6 +187,40 @@ impl Proxy {
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    /// The datapath's outcome counters (`STATS`, summed over CPUs) by name.
+    pub fn counters(&self) -> Result<Vec<(&'static str, u64)>, String> {
+        let path = self.pin_dir.join(STATS);
+        let map = MapData::from_pin(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let counters = PerCpuArray::<_, u64>::try_from(Map::PerCpuArray(map))
+            .map_err(|e| format!("{} is no per-CPU array: {e}", path.display()))?;
+        STAT_NAMES
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let per_cpu = counters.get(&(i as u32), 0).map_err(|e| format!("reading {name}: {e}"))?;
+                Ok((*name, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+
+    /// One counter of [`counters`](Self::counters) (0 when unreadable).
+    pub fn counter(&self, name: &str) -> u64 {
+        self.counters().ok().and_then(|c| c.into_iter().find(|(n, _)| *n == name)).map_or(0, |(_, v)| v)
+    }
+
+    /// The non-zero counters as `"fwd_new=3 reply=3"`, for failure messages: they tell which
+    /// branch of the datapath the packets took.
+    pub fn stats(&self) -> String {
+        match self.counters() {
+            Err(e) => format!("(counters unavailable: {e})"),
+            Ok(c) => {
+                let set: Vec<String> =
+                    c.iter().filter(|(_, v)| *v != 0).map(|(n, v)| format!("{n}={v}")).collect();
+                if set.is_empty() { "(all zero)".into() } else { set.join(" ") }
+            }
+        }
     }
 
     /// Waits (up to 15 s) until a TCP request from `pod` to `addr` is answered.

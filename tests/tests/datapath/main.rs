@@ -6,5 +6,9 @@
 //! Needs root and a bpffs at /sys/fs/bpf (`cargo xtask test` provides both).
 
 mod cases;
+mod cases_icmp;
+mod cases_pass;
+mod cases_reject;
+mod cases_translate;
 mod harness;
 mod packet;

@@ -1,0 +1,51 @@
+//! `cargo xtask bench ...`: the benchmarks of PERF.md. Each one runs setup, then its cargo bench
+//! target as root from the workspace root; the bench prints its table and writes it under
+//! `bench/results/`.
+use anyhow::Result;
+
+use crate::{
+    setup,
+    util::{self, cargo, workspace_root},
+};
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    what: BenchWhat,
+}
+
+#[derive(clap::Subcommand)]
+enum BenchWhat {
+    /// Cost per packet of the datapath program (BPF_PROG_TEST_RUN) next to an empty and a
+    /// one-lookup program, for 1 to 65535 Services x 10 backends; writes
+    /// bench/results/datapath.{md,json}.
+    Datapath {
+        /// Smoke test: fewer, shorter runs; prints the table without writing results.
+        #[arg(long)]
+        quick: bool,
+    },
+}
+
+pub fn bench(args: BenchArgs) -> Result<()> {
+    match args.what {
+        BenchWhat::Datapath { quick } => cargo_bench("datapath", quick),
+    }
+}
+
+/// Runs one bench target of the tests crate (benches build with the optimised `bench` profile).
+fn cargo_bench(name: &str, quick: bool) -> Result<()> {
+    setup::setup()?;
+    let mut cmd = cargo();
+    cmd.current_dir(workspace_root())
+        .args(["bench", "-p", "svcproxy-tests", "--bench", name, "--"])
+        // An empty eBPF object would only fail at load time; benches always build the real one.
+        .env_remove("AYA_BUILD_SKIP");
+    if quick {
+        cmd.arg("--quick");
+    }
+    util::run(
+        &mut cmd,
+        "read the output above (eBPF build errors come from proxy-userspace's build script; \
+         `cargo xtask setup` installs its toolchain)",
+    )
+}
