@@ -130,8 +130,10 @@ mod tests {
             let full = ipv4_header(&zeroed);
             // 0x0000 and 0xffff are the same one's-complement value; RFC 1624 may yield either.
             let got = u16::from_be_bytes([hdr[10], hdr[11]]);
-            assert!(got == full || (got == 0xffff && full == 0) || (got == 0 && full == 0xffff),
-                "seed {seed}: incremental {got:#06x} != full {full:#06x}");
+            assert!(
+                got == full || (got == 0xffff && full == 0) || (got == 0 && full == 0xffff),
+                "seed {seed}: incremental {got:#06x} != full {full:#06x}"
+            );
         }
     }
 
@@ -160,8 +162,10 @@ mod tests {
             zeroed[17] = 0;
             let full = l4_ipv4(saddr, new_daddr, 6, &zeroed);
             let got = u16::from_be_bytes([seg[16], seg[17]]);
-            assert!(got == full || (got == 0xffff && full == 0) || (got == 0 && full == 0xffff),
-                "seed {seed}: incremental {got:#06x} != full {full:#06x}");
+            assert!(
+                got == full || (got == 0xffff && full == 0) || (got == 0 && full == 0xffff),
+                "seed {seed}: incremental {got:#06x} != full {full:#06x}"
+            );
         }
     }
 

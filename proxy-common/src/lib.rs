@@ -86,6 +86,9 @@ mod tests {
         };
         let bytes = bytes_of(&b);
         assert_eq!(&bytes[..8], &[10, 244, 1, 1, 0x1f, 0x90, 6, 1]);
-        assert_eq!(u32::from_ne_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]), 7);
+        assert_eq!(
+            u32::from_ne_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]),
+            7
+        );
     }
 }

@@ -41,6 +41,20 @@ pub fn reply_key(flow: &Flow4) -> CtKey4 {
     }
 }
 
+/// The forward key of a packet from `saddr:sport` to `daddr:dport`.
+#[inline(always)]
+pub fn forward_key_of(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> CtKey4 {
+    CtKey4 {
+        saddr_be: saddr,
+        daddr_be: daddr,
+        sport_be: sport,
+        dport_be: dport,
+        proto,
+        dir: CT_DIR_FORWARD,
+        _pad: [0; 2],
+    }
+}
+
 /// The reply key of a packet from `saddr:sport` to `daddr:dport`.
 #[inline(always)]
 pub fn reply_key_of(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> CtKey4 {

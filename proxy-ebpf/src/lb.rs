@@ -13,10 +13,13 @@ use proxy_common::{
 
 use crate::{
     conntrack, icmp,
-    maps::{AFFINITY4, BACKENDS4, CT4, FRAG4, FRONTENDS4, MAGLEV_TABLE_SIZE, MAGLEV4, REPLY_FILTER, SLOTS, SVC_STATS},
+    maps::{
+        AFFINITY4, BACKENDS4, CT4, FRAG4, FRONTENDS4, MAGLEV_TABLE_SIZE, MAGLEV4, REPLY_FILTER,
+        SLOTS, SVC_STATS,
+    },
     nat,
     packet::Packet,
-    parse::{self, Flow4, Frag, IcmpError4, PROTO_TCP, Parsed},
+    parse::{self, Flow4, Frag, IcmpError4, PROTO_TCP, Parsed, TCP_FIN, TCP_RST},
     reject,
     stats::count,
 };
@@ -25,7 +28,8 @@ use crate::{
 pub enum Verdict {
     Pass,
     Drop,
-    /// Send the (rewritten) packet back out where it came from: a reject reply.
+    /// The packet was turned into a reject reply to its sender: tc sends it back out where it
+    /// came from, XDP lets the kernel route it back.
     Bounce,
 }
 
@@ -49,7 +53,7 @@ pub fn process<P: Packet>(pkt: &P) -> Verdict {
     }
     if flow.frag == Frag::Later {
         // SAFETY: values are written whole.
-        match unsafe { FRAG4.get(&frag_key(&flow)) } {
+        match unsafe { FRAG4.get(frag_key(&flow)) } {
             Some(p) => {
                 flow.sport = p.sport_be;
                 flow.dport = p.dport_be;
@@ -65,7 +69,7 @@ pub fn process<P: Packet>(pkt: &P) -> Verdict {
     };
     // SAFETY: the controller only replaces frontend values whole; a torn read can at worst
     // pick from the old or new backend count, both of which have their slots written.
-    let verdict = match unsafe { FRONTENDS4.get(&key) } {
+    let verdict = match unsafe { FRONTENDS4.get(key) } {
         Some(svc) => forward(pkt, &flow, &key, svc),
         None => reply(pkt, &flow),
     };
@@ -73,8 +77,8 @@ pub fn process<P: Packet>(pkt: &P) -> Verdict {
         // Later fragments carry no ports: remember them under the untranslated identity. A
         // full table evicts the oldest datagram, whose later fragments then pass untranslated.
         let _ = FRAG4.insert(
-            &frag_key(&flow),
-            &FragPorts {
+            frag_key(&flow),
+            FragPorts {
                 sport_be: flow.sport,
                 dport_be: flow.dport,
             },
@@ -114,12 +118,16 @@ fn forward<P: Packet>(pkt: &P, flow: &Flow4, fe: &Frontend4Key, svc: &Service4) 
     }
     let now = conntrack::now_ns();
     let ct_key = conntrack::forward_key(flow);
-    if let Some(entry) = CT4.get_ptr_mut(&ct_key) {
+    if let Some(entry) = CT4.get_ptr_mut(ct_key) {
         // SAFETY: pointer from a successful lookup.
         let e = unsafe { &mut *entry };
         if e.svc_id == svc.svc_id && conntrack::is_live(e, flow, now) && revalidate(e, svc) {
             conntrack::touch(entry, flow, now);
-            let stat = if flow.frag == Frag::Later { STAT_FRAGMENT_TRANSLATED } else { STAT_FWD_ESTABLISHED };
+            let stat = if flow.frag == Frag::Later {
+                STAT_FRAGMENT_TRANSLATED
+            } else {
+                STAT_FWD_ESTABLISHED
+            };
             return translate(pkt, flow, e.nat_addr_be, e.nat_port_be, stat);
         }
     }
@@ -164,17 +172,23 @@ fn no_backend<P: Packet>(pkt: &P, flow: &Flow4, svc: &Service4) -> Verdict {
 /// Picks the backend of a new flow: the client's affinity entry while fresh, else Maglev or a
 /// random slot.
 #[inline(always)]
-fn select<'a, P: Packet>(pkt: &P, flow: &Flow4, svc: &Service4, now: u64) -> Option<(u32, &'a Backend4)> {
+fn select<'a, P: Packet>(
+    pkt: &P,
+    flow: &Flow4,
+    svc: &Service4,
+    now: u64,
+) -> Option<(u32, &'a Backend4)> {
     let aff_key = AffinityKey4 {
         svc_id: svc.svc_id,
         client_addr_be: flow.saddr,
     };
     if svc.flags & SVC_F_AFFINITY != 0 {
         // SAFETY: values are written whole.
-        if let Some(a) = unsafe { AFFINITY4.get(&aff_key) } {
-            let fresh = now.wrapping_sub(a.last_seen_ns) <= svc.affinity_timeout_s as u64 * 1_000_000_000;
+        if let Some(a) = unsafe { AFFINITY4.get(aff_key) } {
+            let fresh =
+                now.wrapping_sub(a.last_seen_ns) <= svc.affinity_timeout_s as u64 * 1_000_000_000;
             // SAFETY: backend values are written whole by the controller.
-            match unsafe { BACKENDS4.get(&a.backend_id) } {
+            match unsafe { BACKENDS4.get(a.backend_id) } {
                 Some(b) if fresh && b.svc_id == svc.svc_id && b.state == BACKEND_ACTIVE => {
                     remember(&aff_key, a.backend_id, now);
                     return Some((a.backend_id, b));
@@ -190,17 +204,29 @@ fn select<'a, P: Packet>(pkt: &P, flow: &Flow4, svc: &Service4, now: u64) -> Opt
     } else {
         // Modulo of a random number: uniform enough for counts far below 2^32.
         // SAFETY: helper without arguments.
-        (false, unsafe { bpf_get_prandom_u32() } % svc.backend_count as u32 + 1)
+        (
+            false,
+            unsafe { bpf_get_prandom_u32() } % svc.backend_count as u32 + 1,
+        )
     };
-    let key = SlotKey { svc_id: svc.svc_id, slot };
+    let key = SlotKey {
+        svc_id: svc.svc_id,
+        slot,
+    };
     // SAFETY: slot values are written whole by the controller.
-    let slot_value = unsafe { if table_key { MAGLEV4.get(&key) } else { SLOTS.get(&key) } };
+    let slot_value = unsafe {
+        if table_key {
+            MAGLEV4.get(key)
+        } else {
+            SLOTS.get(key)
+        }
+    };
     let Some(backend_id) = slot_value.map(|s| s.backend_id) else {
         bad_slot(pkt, svc.svc_id, slot);
         return None;
     };
     // SAFETY: backend values are written whole by the controller.
-    let Some(backend) = (unsafe { BACKENDS4.get(&backend_id) }) else {
+    let Some(backend) = (unsafe { BACKENDS4.get(backend_id) }) else {
         bad_slot(pkt, svc.svc_id, slot);
         return None;
     };
@@ -213,7 +239,15 @@ fn select<'a, P: Packet>(pkt: &P, flow: &Flow4, svc: &Service4, now: u64) -> Opt
 #[inline(always)]
 fn remember(key: &AffinityKey4, backend_id: u32, now: u64) {
     // LRU: a full table forgets the least recent client, which then gets a new backend.
-    let _ = AFFINITY4.insert(key, &AffinityEntry { backend_id, _pad: 0, last_seen_ns: now }, 0);
+    let _ = AFFINITY4.insert(
+        key,
+        AffinityEntry {
+            backend_id,
+            _pad: 0,
+            last_seen_ns: now,
+        },
+        0,
+    );
 }
 
 /// The flow's 5-tuple hashed for Maglev (murmur3's finaliser per word).
@@ -248,7 +282,7 @@ fn revalidate(e: &mut CtEntry4, svc: &Service4) -> bool {
         return true;
     }
     // SAFETY: backend values are written whole by the controller.
-    match unsafe { BACKENDS4.get(&e.backend_id) } {
+    match unsafe { BACKENDS4.get(e.backend_id) } {
         Some(b) if b.svc_id == svc.svc_id => {
             e.nat_addr_be = b.addr_be;
             e.nat_port_be = b.port_be;
@@ -307,14 +341,31 @@ fn reply<P: Packet>(pkt: &P, flow: &Flow4) -> Verdict {
         Some(n) if *n != 0 => {}
         _ => return counted(STAT_PASS_NO_SERVICE, Verdict::Pass),
     }
-    let Some(entry) = CT4.get_ptr_mut(&conntrack::reply_key(flow)) else {
-        let stat = if flow.frag == Frag::Later { STAT_PASS_FRAGMENT } else { STAT_PASS_NO_SERVICE };
+    let Some(entry) = CT4.get_ptr_mut(conntrack::reply_key(flow)) else {
+        let stat = if flow.frag == Frag::Later {
+            STAT_PASS_FRAGMENT
+        } else {
+            STAT_PASS_NO_SERVICE
+        };
         return counted(stat, Verdict::Pass);
     };
     // SAFETY: pointer from a successful lookup.
     let (addr, port) = unsafe { ((*entry).nat_addr_be, (*entry).nat_port_be) };
-    conntrack::touch(entry, flow, conntrack::now_ns());
-    let stat = if flow.frag == Frag::Later { STAT_FRAGMENT_TRANSLATED } else { STAT_REPLY };
+    let now = conntrack::now_ns();
+    conntrack::touch(entry, flow, now);
+    if flow.proto == PROTO_TCP && flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        // The backend closed the flow: its forward entry (which decides whether a new SYN on
+        // this tuple is a new flow) must know too.
+        let fwd = conntrack::forward_key_of(flow.daddr, addr, flow.dport, port, flow.proto);
+        if let Some(f) = CT4.get_ptr_mut(fwd) {
+            conntrack::touch(f, flow, now);
+        }
+    }
+    let stat = if flow.frag == Frag::Later {
+        STAT_FRAGMENT_TRANSLATED
+    } else {
+        STAT_REPLY
+    };
     match nat::snat(pkt, flow, addr, port) {
         Ok(()) => counted(stat, Verdict::Pass),
         Err(_) => counted(STAT_REWRITE_FAILED, Verdict::Drop),

@@ -4,6 +4,7 @@
 #![no_std]
 #![no_main]
 
+mod bench;
 mod conntrack;
 mod icmp;
 mod lb;
@@ -13,7 +14,6 @@ mod packet;
 mod parse;
 mod reject;
 mod stats;
-mod bench;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
@@ -42,7 +42,9 @@ pub fn svcproxy_xdp(ctx: XdpContext) -> u32 {
     match lb::process(&ctx) {
         Verdict::Pass => xdp_action::XDP_PASS,
         Verdict::Drop => xdp_action::XDP_DROP,
-        Verdict::Bounce => xdp_action::XDP_TX,
+        // The reject reply is addressed to the client: the kernel routes it back (see
+        // `Packet::REPLY_IN_PLACE` for why not XDP_TX).
+        Verdict::Bounce => xdp_action::XDP_PASS,
     }
 }
 

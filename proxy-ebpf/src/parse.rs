@@ -251,7 +251,10 @@ fn icmp_error<P: Packet>(pkt: &P, outer: &Flow4, out: &mut IcmpError4) -> Parsed
     };
     // SAFETY: bounds-checked by ptr_at.
     let icmp_type = unsafe { (*icmp)[0] };
-    if !matches!(icmp_type, ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM) {
+    if !matches!(
+        icmp_type,
+        ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
+    ) {
         return Parsed::OtherIpv4;
     }
     let inner_l3_off = outer.l4_off + 8;
@@ -262,8 +265,10 @@ fn icmp_error<P: Packet>(pkt: &P, outer: &Flow4, out: &mut IcmpError4) -> Parsed
     if !matches!(inner_proto, PROTO_TCP | PROTO_UDP | PROTO_SCTP) {
         return Parsed::OtherIpv4;
     }
-    let (inner_saddr, inner_daddr) =
-        (u32::from_ne_bytes(inner.src_addr), u32::from_ne_bytes(inner.dst_addr));
+    let (inner_saddr, inner_daddr) = (
+        u32::from_ne_bytes(inner.src_addr),
+        u32::from_ne_bytes(inner.dst_addr),
+    );
     let inner_l4_off = inner_l3_off + inner_ihl;
     // An ICMP error quotes at least 8 bytes of the offending L4 header: the ports.
     let Some(ports) = ptr_at::<_, [u16; 2]>(pkt, inner_l4_off) else {

@@ -38,8 +38,13 @@ fn word(b: &[u8], i: usize) -> u16 {
     u16::from_ne_bytes([b[i], b[i + 1]])
 }
 
+/// Addresses the Ethernet header back to the sender, when the reply goes straight back out
+/// (`Packet::REPLY_IN_PLACE`).
 #[inline(always)]
 fn swap_macs<P: Packet>(pkt: &P) -> Result<(), RewriteError> {
+    if !P::REPLY_IN_PLACE {
+        return Ok(());
+    }
     let eth = ptr_at::<_, [u8; 12]>(pkt, 0).ok_or(RewriteError)?;
     // SAFETY: bounds-checked just above.
     let old = unsafe { *eth };
@@ -66,7 +71,11 @@ pub fn tcp_rst<P: Packet>(pkt: &P, flow: &Flow4) -> Result<(), RewriteError> {
     } else {
         let syn_fin =
             (flow.tcp_flags & TCP_SYN != 0) as u32 + (flow.tcp_flags & TCP_FIN != 0) as u32;
-        (0, seq.wrapping_add(payload).wrapping_add(syn_fin), TCP_RST | TCP_ACK)
+        (
+            0,
+            seq.wrapping_add(payload).wrapping_add(syn_fin),
+            TCP_RST | TCP_ACK,
+        )
     };
     let l4_off = flow.l4_off;
     pkt.trim_to(l4_off + TCP_LEN)?;
@@ -134,8 +143,8 @@ pub fn icmp_port_unreachable<P: Packet>(pkt: &P, flow: &Flow4) -> Result<(), Rew
     // payload. A valid IPv4 header sums to 0xffff, which is zero in one's-complement
     // arithmetic, so only the header and the 8 payload bytes need summing. (A quoted header
     // with a bad checksum gives a bad ICMP checksum; the kernel would have dropped it anyway.)
-    let l4 = ptr_at::<_, [u8; 8]>(pkt, ETH_LEN + ICMP_ROOM as usize + flow.ihl)
-        .ok_or(RewriteError)?;
+    let l4 =
+        ptr_at::<_, [u8; 8]>(pkt, ETH_LEN + ICMP_ROOM as usize + flow.ihl).ok_or(RewriteError)?;
     // SAFETY: bounds-checked just above.
     let l4 = unsafe { *l4 };
 

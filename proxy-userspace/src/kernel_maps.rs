@@ -107,7 +107,9 @@ impl MapOps for KernelMaps {
     }
 
     fn put_maglev(&mut self, key: SlotKey, value: Slot) -> Result<(), WriteError> {
-        self.maglev.insert(key, value, 0).map_err(map_err(MAGLEV4, "insert"))
+        self.maglev
+            .insert(key, value, 0)
+            .map_err(map_err(MAGLEV4, "insert"))
     }
 
     fn del_maglev(&mut self, key: SlotKey) -> Result<(), WriteError> {
@@ -115,9 +117,16 @@ impl MapOps for KernelMaps {
     }
 
     fn reset_svc_stats(&mut self, svc_id: u32) -> Result<(), WriteError> {
-        let zero = PerCpuValues::try_from(vec![SvcStats::default(); self.cpus])
-            .map_err(|e| WriteError::Map { map: SVC_STATS, op: "set", reason: e.to_string() })?;
-        self.svc_stats.set(svc_id, zero, 0).map_err(map_err(SVC_STATS, "set"))
+        let zero = PerCpuValues::try_from(vec![SvcStats::default(); self.cpus]).map_err(|e| {
+            WriteError::Map {
+                map: SVC_STATS,
+                op: "set",
+                reason: e.to_string(),
+            }
+        })?;
+        self.svc_stats
+            .set(svc_id, zero, 0)
+            .map_err(map_err(SVC_STATS, "set"))
     }
 
     fn filter_add(&mut self, slot: u32, delta: i32) -> Result<(), WriteError> {

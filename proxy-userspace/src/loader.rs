@@ -19,12 +19,13 @@ use aya::{
 use proxy_common::{
     backend::{BACKENDS4, Backend4, DEFAULT_BACKENDS, REPLY_FILTER, REPLY_FILTER_SIZE},
     conntrack::{
-        AFFINITY4, AffinityEntry, AffinityKey4, CT4, CtEntry4, CtKey4, DEFAULT_AFFINITY, DEFAULT_CT,
-        DEFAULT_FRAG, FRAG4, FragKey4, FragPorts,
+        AFFINITY4, AffinityEntry, AffinityKey4, CT4, CtEntry4, CtKey4, DEFAULT_AFFINITY,
+        DEFAULT_CT, DEFAULT_FRAG, FRAG4, FragKey4, FragPorts,
     },
     service::{
         DEFAULT_FRONTENDS, DEFAULT_MAGLEV_ENTRIES, DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_SLOTS,
-        FRONTENDS4, Frontend4Key, MAGLEV_TABLE_SIZE_GLOBAL, MAGLEV4, SLOTS, Service4, Slot, SlotKey,
+        FRONTENDS4, Frontend4Key, MAGLEV_TABLE_SIZE_GLOBAL, MAGLEV4, SLOTS, Service4, Slot,
+        SlotKey,
     },
     stats::{STAT_COUNT, STATS, SVC_STATS, SvcStats},
 };
@@ -142,12 +143,31 @@ pub struct Datapath {
 /// Names, key/value sizes and max entries of every map, for pin compatibility checks.
 fn map_specs(sizes: &MapSizes) -> [(&'static str, u32, u32, u32); 10] {
     [
-        (MAGLEV4, size_of::<SlotKey>() as u32, size_of::<Slot>() as u32, sizes.maglev_entries),
-        (AFFINITY4, size_of::<AffinityKey4>() as u32, size_of::<AffinityEntry>() as u32,
-            sizes.affinity),
-        (FRAG4, size_of::<FragKey4>() as u32, size_of::<FragPorts>() as u32, DEFAULT_FRAG),
+        (
+            MAGLEV4,
+            size_of::<SlotKey>() as u32,
+            size_of::<Slot>() as u32,
+            sizes.maglev_entries,
+        ),
+        (
+            AFFINITY4,
+            size_of::<AffinityKey4>() as u32,
+            size_of::<AffinityEntry>() as u32,
+            sizes.affinity,
+        ),
+        (
+            FRAG4,
+            size_of::<FragKey4>() as u32,
+            size_of::<FragPorts>() as u32,
+            DEFAULT_FRAG,
+        ),
         // Service ids run from 1 to `frontends`.
-        (SVC_STATS, 4, size_of::<SvcStats>() as u32, sizes.frontends + 1),
+        (
+            SVC_STATS,
+            4,
+            size_of::<SvcStats>() as u32,
+            sizes.frontends + 1,
+        ),
         (
             FRONTENDS4,
             size_of::<Frontend4Key>() as u32,
@@ -399,7 +419,7 @@ pub fn is_prime(n: u32) -> bool {
     }
     let mut d = 2u64;
     while d * d <= n as u64 {
-        if n as u64 % d == 0 {
+        if (n as u64).is_multiple_of(d) {
             return false;
         }
         d += 1;

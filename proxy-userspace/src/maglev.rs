@@ -67,12 +67,17 @@ mod tests {
     use super::*;
 
     fn backends(n: u8) -> Vec<(Ipv4Addr, u16)> {
-        (0..n).map(|i| (Ipv4Addr::new(10, 244, 1, i + 1), 8080)).collect()
+        (0..n)
+            .map(|i| (Ipv4Addr::new(10, 244, 1, i + 1), 8080))
+            .collect()
     }
 
     /// Entries whose backend (by address) differs between two tables.
     fn moved(a: &[u32], ab: &[(Ipv4Addr, u16)], b: &[u32], bb: &[(Ipv4Addr, u16)]) -> usize {
-        a.iter().zip(b).filter(|(x, y)| ab[**x as usize] != bb[**y as usize]).count()
+        a.iter()
+            .zip(b)
+            .filter(|(x, y)| ab[**x as usize] != bb[**y as usize])
+            .count()
     }
 
     #[test]
@@ -84,7 +89,10 @@ mod tests {
             counts[*e as usize] += 1;
         }
         // 16381 / 10 = 1638.1: each backend gets 1638 or 1639.
-        assert!(counts.iter().all(|c| (1638..=1639).contains(c)), "{counts:?}");
+        assert!(
+            counts.iter().all(|c| (1638..=1639).contains(c)),
+            "{counts:?}"
+        );
     }
 
     #[test]
@@ -100,10 +108,17 @@ mod tests {
     #[test]
     fn removing_one_backend_moves_its_entries_and_few_others() {
         let ten = backends(10);
-        let nine: Vec<_> = ten.iter().copied().filter(|b| b.0 != Ipv4Addr::new(10, 244, 1, 4)).collect();
+        let nine: Vec<_> = ten
+            .iter()
+            .copied()
+            .filter(|b| b.0 != Ipv4Addr::new(10, 244, 1, 4))
+            .collect();
         let m = 16_381;
         let (before, after) = (table(&ten, m), table(&nine, m));
-        let owned_by_removed = before.iter().filter(|e| ten[**e as usize] == ten[3]).count();
+        let owned_by_removed = before
+            .iter()
+            .filter(|e| ten[**e as usize] == ten[3])
+            .count();
         let others_moved = before
             .iter()
             .zip(&after)
@@ -112,7 +127,10 @@ mod tests {
         assert!(owned_by_removed > 1500);
         // Maglev trades perfect stability for perfect balance: a small share of the other
         // entries moves too (the paper's figure 11).
-        assert!(others_moved * 100 / m as usize <= 3, "{others_moved} other entries moved");
+        assert!(
+            others_moved * 100 / m as usize <= 3,
+            "{others_moved} other entries moved"
+        );
     }
 
     /// The writer passes backends sorted by (address, port), so two nodes with the same

@@ -10,7 +10,11 @@ use svcproxy::{
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "svcproxy", version, about = "Kubernetes Service load balancer on an eBPF datapath")]
+#[command(
+    name = "svcproxy",
+    version,
+    about = "Kubernetes Service load balancer on an eBPF datapath"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

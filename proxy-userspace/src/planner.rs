@@ -105,7 +105,9 @@ pub enum PlanError {
          the ports, so svcproxy does not translate it; make targetPort equal port"
     )]
     SctpPortRewrite { frontend: Frontend, target: u16 },
-    #[error("annotation {ANNOTATION_LB_ALGORITHM} is {value:?}; use \"random\" or \"maglev\" (using random)")]
+    #[error(
+        "annotation {ANNOTATION_LB_ALGORITHM} is {value:?}; use \"random\" or \"maglev\" (using random)"
+    )]
     UnknownAlgorithm { value: String },
     #[error(
         "frontend {frontend} is already served by the older Service {owner}; this Service does \
@@ -265,8 +267,8 @@ impl Planner<'_> {
             let usable_anywhere = candidates
                 .iter()
                 .any(|c| c.endpoint.ready || (c.endpoint.serving && c.endpoint.terminating));
-            let drop_when_empty = usable_anywhere
-                && !backends.iter().any(|b| b.state == BackendState::Active);
+            let drop_when_empty =
+                usable_anywhere && !backends.iter().any(|b| b.state == BackendState::Active);
             for &addr in &addrs {
                 let frontend = Frontend {
                     addr,
@@ -276,11 +278,17 @@ impl Planner<'_> {
                 if port.protocol == Protocol::Sctp
                     && let Some(b) = backends.iter().find(|b| b.port != port.port)
                 {
-                    let error = PlanError::SctpPortRewrite { frontend, target: b.port };
+                    let error = PlanError::SctpPortRewrite {
+                        frontend,
+                        target: b.port,
+                    };
                     self.reject_service(&service.namespace, &service.name, error);
                     continue;
                 }
-                let traits = FrontendTraits { drop_when_empty, ..traits };
+                let traits = FrontendTraits {
+                    drop_when_empty,
+                    ..traits
+                };
                 self.add_frontend(frontend, &service, &port.name, &backends, traits);
             }
         }
@@ -288,7 +296,12 @@ impl Planner<'_> {
 
     /// The Service's backend selection, from svcproxy's annotation.
     fn algorithm(&mut self, svc: &Service, service: &ServiceName) -> Algorithm {
-        match svc.metadata.annotations.as_ref().and_then(|a| a.get(ANNOTATION_LB_ALGORITHM)) {
+        match svc
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ANNOTATION_LB_ALGORITHM))
+        {
             None => Algorithm::Random,
             Some(v) if v == "random" => Algorithm::Random,
             Some(v) if v == "maglev" => Algorithm::Maglev,

@@ -47,7 +47,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             return Err(e.into());
         }
     }
-    let logs = dp.take_logger().map(|logger| tokio::spawn(drain_logs(logger)));
+    let logs = dp
+        .take_logger()
+        .map(|logger| tokio::spawn(drain_logs(logger)));
     let result = sync_loop(&mut dp, &opts).await;
     dp.detach_all();
     if let Some(task) = logs {
@@ -90,7 +92,10 @@ async fn sync_loop(dp: &mut Datapath, opts: &RunOptions) -> anyhow::Result<()> {
         MapWriter::adopt(KernelMaps::take(dp)?, config).context("adopting pinned maps")?;
     tracing::info!(frontends = writer.frontend_count(), pin_path = %opts.pin_path.display(),
         "datapath ready");
-    let node = NodeInfo { name: opts.node_name.clone(), zone: None };
+    let node = NodeInfo {
+        name: opts.node_name.clone(),
+        zone: None,
+    };
     let plan_opts = PlanOptions::default();
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;

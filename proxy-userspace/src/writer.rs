@@ -281,7 +281,9 @@ impl<M: MapOps> MapWriter<M> {
         }
         for (svc_id, table) in tables {
             if let Some(w) = by_svc.get(&svc_id).and_then(|fe| written.get_mut(fe))
-                && table.iter().all(|id| w.backends.values().any(|(b, _)| b == id))
+                && table
+                    .iter()
+                    .all(|id| w.backends.values().any(|(b, _)| b == id))
             {
                 w.maglev = table;
             }
@@ -437,7 +439,10 @@ impl<M: MapOps> MapWriter<M> {
             }
             for (i, id) in table.iter().enumerate() {
                 if cur.maglev[i] != *id {
-                    let key = SlotKey { svc_id, slot: i as u32 };
+                    let key = SlotKey {
+                        svc_id,
+                        slot: i as u32,
+                    };
                     self.maps.put_maglev(key, Slot { backend_id: *id })?;
                     cur.maglev[i] = *id;
                     slots_changed = true;
@@ -457,9 +462,16 @@ impl<M: MapOps> MapWriter<M> {
             cur.revision
         };
         let count = slots.len() as u16;
-        let flags = (if state.affinity_timeout_s.is_some() { SVC_F_AFFINITY } else { 0 })
-            | (if use_maglev { SVC_F_MAGLEV } else { 0 })
-            | (if state.drop_when_empty { SVC_F_POLICY_DROP } else { 0 });
+        let flags = (if state.affinity_timeout_s.is_some() {
+            SVC_F_AFFINITY
+        } else {
+            0
+        }) | (if use_maglev { SVC_F_MAGLEV } else { 0 })
+            | (if state.drop_when_empty {
+                SVC_F_POLICY_DROP
+            } else {
+                0
+            });
         let affinity_s = state.affinity_timeout_s.unwrap_or(0);
         let changed = !cur.in_map
             || cur.count != count
@@ -567,9 +579,12 @@ impl<M: MapOps> MapWriter<M> {
     fn drop_maglev(&mut self, fe: &Frontend, cur: &mut Written) -> Result<(), WriteError> {
         while !cur.maglev.is_empty() {
             let slot = cur.maglev.len() as u32 - 1;
-            self.maps.del_maglev(SlotKey { svc_id: cur.svc_id, slot })?;
+            self.maps.del_maglev(SlotKey {
+                svc_id: cur.svc_id,
+                slot,
+            })?;
             cur.maglev.pop();
-            if cur.maglev.is_empty() || slot % 1024 == 0 {
+            if cur.maglev.is_empty() || slot.is_multiple_of(1024) {
                 self.written.insert(*fe, cur.clone());
             }
         }
@@ -585,7 +600,11 @@ impl<M: MapOps> MapWriter<M> {
                 self.next_svc_id += 1;
                 self.next_svc_id - 1
             }
-            None => return Err(WriteError::ServiceIdsExhausted { max: self.config.max_frontends }),
+            None => {
+                return Err(WriteError::ServiceIdsExhausted {
+                    max: self.config.max_frontends,
+                });
+            }
         };
         if let Err(e) = self.maps.reset_svc_stats(id) {
             self.free_svc_ids.insert(id);
@@ -641,7 +660,10 @@ mod tests {
     use crate::desired::{Backend, ServiceName};
 
     /// A small prime table keeps the Maglev tests fast.
-    const TEST_CONFIG: WriterConfig = WriterConfig { max_frontends: 65_536, maglev_table_size: 251 };
+    const TEST_CONFIG: WriterConfig = WriterConfig {
+        max_frontends: 65_536,
+        maglev_table_size: 251,
+    };
 
     /// One write, as the fake saw it succeed.
     #[derive(Clone, Debug, PartialEq, Eq)]
@@ -1002,7 +1024,9 @@ mod tests {
                     .values()
                     .any(|f| f.svc_id == *svc_id && f.flags & SVC_F_MAGLEV != 0);
                 if *named == id && in_use {
-                    panic!("backend {id} deleted while Maglev entry {i} of service {svc_id} names it");
+                    panic!(
+                        "backend {id} deleted while Maglev entry {i} of service {svc_id} names it"
+                    );
                 }
             }
             if let Some(old) = self.backends.remove(&id) {
@@ -1150,7 +1174,8 @@ mod tests {
     }
 
     fn adopt(maps: FakeMaps) -> MapWriter<FakeMaps> {
-        let mut w = MapWriter::adopt(maps, TEST_CONFIG).unwrap_or_else(|e| panic!("adopt failed: {e}"));
+        let mut w =
+            MapWriter::adopt(maps, TEST_CONFIG).unwrap_or_else(|e| panic!("adopt failed: {e}"));
         w.maps.check_all("after adopt", true);
         w.maps.ops.clear();
         w
@@ -1585,7 +1610,8 @@ mod tests {
         let d = two_services();
         let maps = left_by_earlier_writer(&d);
         let before = maps.contents();
-        let mut w = MapWriter::adopt(maps, TEST_CONFIG).unwrap_or_else(|e| panic!("adopt failed: {e}"));
+        let mut w =
+            MapWriter::adopt(maps, TEST_CONFIG).unwrap_or_else(|e| panic!("adopt failed: {e}"));
         assert_eq!(
             w.maps.ops,
             vec![Op::ResetFilter],
@@ -1899,33 +1925,53 @@ mod tests {
     }
 
     fn ten_backends() -> Vec<Backend> {
-        (1..=10).map(|i| active(&format!("10.244.1.{i}"), 8080)).collect()
+        (1..=10)
+            .map(|i| active(&format!("10.244.1.{i}"), 8080))
+            .collect()
     }
 
     #[test]
     fn maglev_table_is_whole_before_the_frontend_uses_it_and_gone_after_it_stops() {
         let mut w = fresh();
-        apply_ok(&mut w, &desired([(web(), maglev_service("web", &ten_backends()))]));
+        apply_ok(
+            &mut w,
+            &desired([(web(), maglev_service("web", &ten_backends()))]),
+        );
         let svc = *w.maps.frontends.values().next().expect("frontend written");
         assert_ne!(svc.flags & SVC_F_MAGLEV, 0, "Maglev flag set");
-        let entries = w.maps.maglev.keys().filter(|(id, _)| *id == svc.svc_id).count();
+        let entries = w
+            .maps
+            .maglev
+            .keys()
+            .filter(|(id, _)| *id == svc.svc_id)
+            .count();
         assert_eq!(entries, TEST_CONFIG.maglev_table_size as usize);
 
         // Back to random: the flag goes first (checked by the fake), then the table.
         apply_ok(&mut w, &desired([(web(), service("web", &ten_backends()))]));
         let svc = *w.maps.frontends.values().next().expect("frontend written");
         assert_eq!(svc.flags & SVC_F_MAGLEV, 0);
-        assert!(w.maps.maglev.is_empty(), "table removed: {} entries left", w.maps.maglev.len());
+        assert!(
+            w.maps.maglev.is_empty(),
+            "table removed: {} entries left",
+            w.maps.maglev.len()
+        );
     }
 
     #[test]
     fn maglev_backend_removal_rewrites_the_table_before_the_backend_goes() {
         let mut w = fresh();
-        apply_ok(&mut w, &desired([(web(), maglev_service("web", &ten_backends()))]));
+        apply_ok(
+            &mut w,
+            &desired([(web(), maglev_service("web", &ten_backends()))]),
+        );
         let nine: Vec<Backend> = ten_backends().into_iter().skip(1).collect();
         // The fake panics if the removed backend is deleted while an entry still names it.
         apply_ok(&mut w, &desired([(web(), maglev_service("web", &nine))]));
-        assert_eq!(w.maps.contents(), contents_of(&desired([(web(), maglev_service("web", &nine))])));
+        assert_eq!(
+            w.maps.contents(),
+            contents_of(&desired([(web(), maglev_service("web", &nine))]))
+        );
         assert_eq!(w.maps.maglev.len(), TEST_CONFIG.maglev_table_size as usize);
         // Removing the frontend removes its table.
         apply_ok(&mut w, &desired([]));
@@ -1937,14 +1983,20 @@ mod tests {
         let mut w = fresh();
         let one = [active("10.244.1.1", 8080)];
         apply_ok(&mut w, &desired([(web(), service("web", &one))]));
-        let sticky = FrontendState { affinity_timeout_s: Some(10_800), ..service("web", &one) };
+        let sticky = FrontendState {
+            affinity_timeout_s: Some(10_800),
+            ..service("web", &one)
+        };
         let stats = apply_ok(&mut w, &desired([(web(), sticky)]));
         assert_eq!(stats.frontends_written, 1);
         let svc = *w.maps.frontends.values().next().expect("frontend");
         assert_ne!(svc.flags & SVC_F_AFFINITY, 0);
         assert_eq!(svc.affinity_timeout_s, 10_800);
 
-        let dropping = FrontendState { drop_when_empty: true, ..service("web", &[]) };
+        let dropping = FrontendState {
+            drop_when_empty: true,
+            ..service("web", &[])
+        };
         apply_ok(&mut w, &desired([(web(), dropping)]));
         let svc = *w.maps.frontends.values().next().expect("frontend");
         assert_eq!(svc.flags, SVC_F_POLICY_DROP);
@@ -1953,20 +2005,40 @@ mod tests {
 
     #[test]
     fn a_removed_frontends_service_id_is_reused_with_fresh_counters() {
-        let config = WriterConfig { max_frontends: 3, ..TEST_CONFIG };
+        let config = WriterConfig {
+            max_frontends: 3,
+            ..TEST_CONFIG
+        };
         let mut w = MapWriter::adopt(FakeMaps::default(), config).expect("adopt");
         let one = [active("10.244.1.1", 8080)];
-        apply_ok(&mut w, &desired([(web(), service("web", &one)), (api(), service("api", &one))]));
+        apply_ok(
+            &mut w,
+            &desired([(web(), service("web", &one)), (api(), service("api", &one))]),
+        );
         assert_eq!(w.maps.stats_reset, vec![1, 2]);
         let web_id = w.maps.frontends[&to_key(&web())].svc_id;
-        apply_ok(&mut w, &desired([(api(), service("api", &one)), (dns(), service("dns", &one))]));
-        assert_eq!(w.maps.frontends[&to_key(&dns())].svc_id, web_id, "freed id reused");
-        assert_eq!(w.maps.stats_reset.last(), Some(&web_id), "its counters start from zero");
+        apply_ok(
+            &mut w,
+            &desired([(api(), service("api", &one)), (dns(), service("dns", &one))]),
+        );
+        assert_eq!(
+            w.maps.frontends[&to_key(&dns())].svc_id,
+            web_id,
+            "freed id reused"
+        );
+        assert_eq!(
+            w.maps.stats_reset.last(),
+            Some(&web_id),
+            "its counters start from zero"
+        );
     }
 
     #[test]
     fn running_out_of_service_ids_fails_that_frontend_only() {
-        let config = WriterConfig { max_frontends: 2, ..TEST_CONFIG };
+        let config = WriterConfig {
+            max_frontends: 2,
+            ..TEST_CONFIG
+        };
         let mut w = MapWriter::adopt(FakeMaps::default(), config).expect("adopt");
         let one = [active("10.244.1.1", 8080)];
         let stats = apply(

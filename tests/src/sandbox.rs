@@ -364,7 +364,11 @@ impl Sandbox {
         mtu: u32,
         options: PodOptions,
     ) -> Result<EchoServers> {
-        let Uplink::Router { netns: router, link } = uplink else {
+        let Uplink::Router {
+            netns: router,
+            link,
+        } = uplink
+        else {
             bail!("pod {} is not behind a router", pod.name);
         };
         let (node, ns, hv) = (&self.node_netns, &pod.netns, &pod.host_veth);
@@ -397,7 +401,10 @@ impl Sandbox {
             &format!("neigh replace {pod_ip} lladdr {pod_mac} dev {link} nud permanent"),
         )?;
         // The node already has a permanent neighbour entry for the router, so this never ARPs.
-        ip_in(node, &format!("route add {pod_ip}/32 via {router_ip} dev {hv} onlink"))?;
+        ip_in(
+            node,
+            &format!("route add {pod_ip}/32 via {router_ip} dev {hv} onlink"),
+        )?;
         EchoServers::start(
             ns,
             EchoConfig {

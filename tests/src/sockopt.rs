@@ -34,7 +34,11 @@ pub struct QueuedError {
 pub const SO_EE_ORIGIN_ICMP: u8 = 2;
 
 fn check(ret: libc::c_int) -> io::Result<()> {
-    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 fn set_int(fd: &impl AsRawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
@@ -53,7 +57,12 @@ fn set_int(fd: &impl AsRawFd, level: i32, name: i32, value: i32) -> io::Result<(
 /// `IP_MTU_DISCOVER = IP_PMTUDISC_DO`: set DF on every datagram and refuse (`EMSGSIZE`) to send
 /// one larger than the path MTU the socket knows, instead of fragmenting it locally.
 pub fn set_pmtu_discovery(sock: &impl AsRawFd) -> io::Result<()> {
-    set_int(sock, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_DO)
+    set_int(
+        sock,
+        libc::IPPROTO_IP,
+        libc::IP_MTU_DISCOVER,
+        libc::IP_PMTUDISC_DO,
+    )
 }
 
 /// `IP_RECVERR`: queue ICMP errors with their details for [`read_queued_error`]. The pending
@@ -86,7 +95,10 @@ pub fn read_queued_error(sock: &impl AsRawFd) -> io::Result<Option<QueuedError>>
     let mut data = [0u8; 256];
     // Room for the IP_RECVERR control message (extended error + offender sockaddr_in).
     let mut control = [0u64; 16];
-    let mut iov = libc::iovec { iov_base: data.as_mut_ptr().cast(), iov_len: data.len() };
+    let mut iov = libc::iovec {
+        iov_base: data.as_mut_ptr().cast(),
+        iov_len: data.len(),
+    };
     // SAFETY: msghdr is plain data; all-zero is a valid empty header, filled in below.
     let mut msg: libc::msghdr = unsafe { zeroed() };
     msg.msg_iov = &mut iov;
@@ -95,11 +107,19 @@ pub fn read_queued_error(sock: &impl AsRawFd) -> io::Result<Option<QueuedError>>
     msg.msg_controllen = size_of::<[u64; 16]>() as _;
     // SAFETY: every buffer `msg` points to outlives the call and its length is set.
     let n = unsafe {
-        libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT)
+        libc::recvmsg(
+            sock.as_raw_fd(),
+            &mut msg,
+            libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT,
+        )
     };
     if n < 0 {
         let e = io::Error::last_os_error();
-        return if e.kind() == io::ErrorKind::WouldBlock { Ok(None) } else { Err(e) };
+        return if e.kind() == io::ErrorKind::WouldBlock {
+            Ok(None)
+        } else {
+            Err(e)
+        };
     }
     // SAFETY: the CMSG_* macros walk the control buffer the kernel just filled, within the
     // length it reported; the extended error and the offender follow the header as
@@ -128,7 +148,9 @@ pub fn read_queued_error(sock: &impl AsRawFd) -> io::Result<Option<QueuedError>>
             cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
         }
     }
-    Err(io::Error::other("error queue entry without an IP_RECVERR control message"))
+    Err(io::Error::other(
+        "error queue entry without an IP_RECVERR control message",
+    ))
 }
 
 fn sockaddr(addr: SocketAddrV4) -> libc::sockaddr_in {
@@ -172,17 +194,30 @@ pub fn tcp_connect_from(
     let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
     let local = sockaddr(local);
     // SAFETY: `local` is a valid sockaddr_in of the length passed.
-    check(unsafe { libc::bind(fd.as_raw_fd(), (&local as *const libc::sockaddr_in).cast(), len) })?;
+    check(unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&local as *const libc::sockaddr_in).cast(),
+            len,
+        )
+    })?;
     let remote = sockaddr(remote);
     // SAFETY: as for bind.
-    let ret = unsafe { libc::connect(fd.as_raw_fd(), (&remote as *const libc::sockaddr_in).cast(), len) };
+    let ret = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&remote as *const libc::sockaddr_in).cast(),
+            len,
+        )
+    };
     if ret < 0 {
         let e = io::Error::last_os_error();
         // A send timeout surfaces as EINPROGRESS/EAGAIN; say what it means.
         return Err(match e.raw_os_error() {
-            Some(libc::EINPROGRESS | libc::EAGAIN) => {
-                io::Error::new(io::ErrorKind::TimedOut, format!("connect within {timeout:?}"))
-            }
+            Some(libc::EINPROGRESS | libc::EAGAIN) => io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connect within {timeout:?}"),
+            ),
             _ => e,
         });
     }
@@ -195,7 +230,10 @@ pub fn tcp_connect_from(
 /// `SO_LINGER` {on, 0}: `close` sends a RST and frees the port at once (no TIME_WAIT), so the
 /// same 5-tuple can connect again right away.
 pub fn set_reset_on_close(stream: &TcpStream) -> io::Result<()> {
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
     // SAFETY: `linger` outlives the call and its size is passed along.
     check(unsafe {
         libc::setsockopt(

@@ -13,14 +13,16 @@ use std::{
 
 use common::{Endpoint, Manifests, Proxy, SvcPort};
 use svcproxy_tests::{
-    Sandbox, bulk_pattern, in_netns, sandbox::DEFAULT_ECHO_PORT, tcp_request_here,
-    udp_request_here,
+    Sandbox, bulk_pattern, in_netns, sandbox::DEFAULT_ECHO_PORT, tcp_request_here, udp_request_here,
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
-const BACKENDS: [Ipv4Addr; 3] =
-    [Ipv4Addr::new(10, 244, 0, 11), Ipv4Addr::new(10, 244, 0, 12), Ipv4Addr::new(10, 244, 0, 13)];
+const BACKENDS: [Ipv4Addr; 3] = [
+    Ipv4Addr::new(10, 244, 0, 11),
+    Ipv4Addr::new(10, 244, 0, 12),
+    Ipv4Addr::new(10, 244, 0, 13),
+];
 const OTHER: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 20);
 const TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -32,7 +34,10 @@ fn ports() -> Vec<SvcPort> {
 }
 
 fn endpoints(ips: &[Ipv4Addr]) -> Vec<Endpoint> {
-    ips.iter().enumerate().map(|(i, ip)| Endpoint::ready(*ip, &format!("web-{i}"))).collect()
+    ips.iter()
+        .enumerate()
+        .map(|(i, ip)| Endpoint::ready(*ip, &format!("web-{i}")))
+        .collect()
 }
 
 /// 200 new connections (TCP: one per connect; UDP: one fresh socket per request), counting which
@@ -45,13 +50,22 @@ fn spread(sb: &Sandbox, proto: &'static str, n: usize) -> HashMap<String, usize>
             let name = match proto {
                 "tcp" => {
                     let out = tcp_request_here(SocketAddrV4::new(VIP, 80), b"NAME\n", TIMEOUT)
-                        .unwrap_or_else(|e| panic!("TCP connection {i} through the ClusterIP: {e}"));
+                        .unwrap_or_else(|e| {
+                            panic!("TCP connection {i} through the ClusterIP: {e}")
+                        });
                     String::from_utf8_lossy(&out).trim().to_owned()
                 }
                 _ => {
-                    let (out, from) = udp_request_here(SocketAddrV4::new(VIP, 80), b"NAME", TIMEOUT)
-                        .unwrap_or_else(|e| panic!("UDP request {i} through the ClusterIP: {e}"));
-                    assert_eq!(from, SocketAddrV4::new(VIP, 80), "UDP reply must come from the ClusterIP");
+                    let (out, from) =
+                        udp_request_here(SocketAddrV4::new(VIP, 80), b"NAME", TIMEOUT)
+                            .unwrap_or_else(|e| {
+                                panic!("UDP request {i} through the ClusterIP: {e}")
+                            });
+                    assert_eq!(
+                        from,
+                        SocketAddrV4::new(VIP, 80),
+                        "UDP reply must come from the ClusterIP"
+                    );
                     let text = String::from_utf8_lossy(&out).into_owned();
                     text.split(' ').next().unwrap_or_default().to_owned()
                 }
@@ -79,16 +93,27 @@ fn clusterip_end_to_end(hook: &str) {
     // Load balancing: each backend gets >= 15% of 200 new connections, TCP and UDP.
     for proto in ["tcp", "udp"] {
         let hits = spread(&sb, proto, 200);
-        assert_eq!(hits.len(), 3, "{hook}/{proto}: all three backends answer: {hits:?}");
+        assert_eq!(
+            hits.len(),
+            3,
+            "{hook}/{proto}: all three backends answer: {hits:?}"
+        );
         for (pod, n) in &hits {
-            assert!(*n >= 30, "{hook}/{proto}: {pod} got {n} of 200 (< 15%): {hits:?}");
+            assert!(
+                *n >= 30,
+                "{hook}/{proto}: {pod} got {n} of 200 (< 15%): {hits:?}"
+            );
         }
     }
 
     // A 1 MiB transfer in each direction completes intact.
     let client = sb.pod("client").expect("client").netns.clone();
     let (down, up) = in_netns(&client, || {
-        let down = tcp_request_here(SocketAddrV4::new(VIP, 80), b"BULK 1048576\n", Duration::from_secs(10));
+        let down = tcp_request_here(
+            SocketAddrV4::new(VIP, 80),
+            b"BULK 1048576\n",
+            Duration::from_secs(10),
+        );
         let mut req = b"SINK\n".to_vec();
         req.extend(bulk_pattern(1 << 20));
         let up = tcp_request_here(SocketAddrV4::new(VIP, 80), &req, Duration::from_secs(10));
@@ -96,13 +121,25 @@ fn clusterip_end_to_end(hook: &str) {
     })
     .expect("client namespace");
     let down = down.unwrap_or_else(|e| panic!("{hook}: 1 MiB download: {e}"));
-    assert!(down == bulk_pattern(1 << 20), "{hook}: 1 MiB download arrived corrupted or short");
+    assert!(
+        down == bulk_pattern(1 << 20),
+        "{hook}: 1 MiB download arrived corrupted or short"
+    );
     let up = up.unwrap_or_else(|e| panic!("{hook}: 1 MiB upload: {e}"));
-    assert_eq!(String::from_utf8_lossy(&up).trim(), "1048576", "{hook}: upload byte count");
+    assert_eq!(
+        String::from_utf8_lossy(&up).trim(),
+        "1048576",
+        "{hook}: upload byte count"
+    );
 
     // Traffic to a non-Service address is untouched: the pod sees the client's own address.
-    let peer = svcproxy_tests::tcp_request(&client, SocketAddrV4::new(OTHER, DEFAULT_ECHO_PORT), b"PEER\n", TIMEOUT)
-        .unwrap_or_else(|e| panic!("{hook}: direct pod traffic: {e}"));
+    let peer = svcproxy_tests::tcp_request(
+        &client,
+        SocketAddrV4::new(OTHER, DEFAULT_ECHO_PORT),
+        b"PEER\n",
+        TIMEOUT,
+    )
+    .unwrap_or_else(|e| panic!("{hook}: direct pod traffic: {e}"));
     assert!(
         String::from_utf8_lossy(&peer).starts_with(&format!("{CLIENT}:")),
         "{hook}: direct traffic must keep the client address, got {:?}",
@@ -113,15 +150,24 @@ fn clusterip_end_to_end(hook: &str) {
     manifests.slice("default", "web", &endpoints(&BACKENDS[..2]), &ports());
     thread::sleep(Duration::from_secs(2));
     let hits = spread(&sb, "tcp", 100);
-    assert!(!hits.contains_key("web-2"), "{hook}: removed endpoint still chosen: {hits:?}");
+    assert!(
+        !hits.contains_key("web-2"),
+        "{hook}: removed endpoint still chosen: {hits:?}"
+    );
     let hits = spread(&sb, "udp", 100);
-    assert!(!hits.contains_key("web-2"), "{hook}: removed endpoint still chosen (UDP): {hits:?}");
+    assert!(
+        !hits.contains_key("web-2"),
+        "{hook}: removed endpoint still chosen (UDP): {hits:?}"
+    );
 
     // A Service removed from the manifests is no longer translated: nothing answers the VIP.
     manifests.remove("default", "web");
     thread::sleep(Duration::from_secs(2));
     let res = svcproxy_tests::tcp_request(&client, SocketAddrV4::new(VIP, 80), b"NAME\n", TIMEOUT);
-    assert!(res.is_err(), "{hook}: removed Service still answered: {res:?}");
+    assert!(
+        res.is_err(),
+        "{hook}: removed Service still answered: {res:?}"
+    );
 
     proxy.stop();
 }

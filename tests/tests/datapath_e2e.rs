@@ -23,8 +23,8 @@ use svcproxy_tests::{
     PodOptions, Sandbox, bulk_pattern, in_netns,
     sandbox::DEFAULT_ECHO_PORT,
     sockopt::{
-        SO_EE_ORIGIN_ICMP, path_mtu, read_queued_error, set_pmtu_discovery,
-        set_recv_errors, set_reset_on_close, tcp_connect_from,
+        SO_EE_ORIGIN_ICMP, path_mtu, read_queued_error, set_pmtu_discovery, set_recv_errors,
+        set_reset_on_close, tcp_connect_from,
     },
     tcp_request_here, udp_request_here,
 };
@@ -69,7 +69,9 @@ fn tcp_udp(port: u16) -> Vec<SvcPort> {
 }
 
 fn endpoints(pods: &[(&str, Ipv4Addr)]) -> Vec<Endpoint> {
-    pods.iter().map(|(name, ip)| Endpoint::ready(*ip, name)).collect()
+    pods.iter()
+        .map(|(name, ip)| Endpoint::ready(*ip, name))
+        .collect()
 }
 
 /// A sandbox tagged with the scenario and hook (so `ip netns list` tells who made what) and a
@@ -86,7 +88,11 @@ fn client_netns(sb: &Sandbox) -> String {
 
 /// The pod that answered a UDP echo (`"<podname> <length>"`).
 fn udp_pod(reply: &[u8]) -> String {
-    String::from_utf8_lossy(reply).split(' ').next().unwrap_or_default().to_owned()
+    String::from_utf8_lossy(reply)
+        .split(' ')
+        .next()
+        .unwrap_or_default()
+        .to_owned()
 }
 
 /// One new TCP connection (fresh source port) asking who answers.
@@ -122,29 +128,44 @@ fn no_endpoint_service_is_refused_within_100ms(hook: &str) {
     const LIMIT: Duration = Duration::from_millis(100);
 
     let mut sb = sandbox("rej", hook);
-    let web0 = sb.add_pod("web-0", Ipv4Addr::new(10, 244, 0, 11)).expect("backend pod");
+    let web0 = sb
+        .add_pod("web-0", Ipv4Addr::new(10, 244, 0, 11))
+        .expect("backend pod");
     let manifests = Manifests::new();
     manifests.service("default", "web", WEB, &tcp_udp(80));
-    manifests.slice("default", "web", &endpoints(&[("web-0", web0.ip)]), &tcp_udp(80));
+    manifests.slice(
+        "default",
+        "web",
+        &endpoints(&[("web-0", web0.ip)]),
+        &tcp_udp(80),
+    );
     manifests.service("default", "empty", EMPTY, &tcp_udp(80));
     manifests.slice("default", "empty", &[], &tcp_udp(80));
     manifests.service("default", "noslice", NO_SLICE, &tcp_udp(80));
     let proxy = Proxy::start(&sb, manifests.dir(), hook);
     proxy.wait_until_serving(&sb, "client", SocketAddrV4::new(WEB, 80));
 
-    for (what, vip) in [("an empty EndpointSlice", EMPTY), ("no EndpointSlice", NO_SLICE)] {
+    for (what, vip) in [
+        ("an empty EndpointSlice", EMPTY),
+        ("no EndpointSlice", NO_SLICE),
+    ] {
         let addr = SocketAddrV4::new(vip, 80);
         let (settled, tcp, udp) = in_netns(&client_netns(&sb), move || {
             // Not measured: the frontend may be programmed a moment after the web Service.
             // Without it the node answers "network unreachable", not "refused".
             let settled = refused_soon(addr);
-            (settled, attempts(|| tcp_refusal(addr)), attempts(|| udp_refusal(addr)))
+            (
+                settled,
+                attempts(|| tcp_refusal(addr)),
+                attempts(|| udp_refusal(addr)),
+            )
         })
         .expect("client namespace");
         if let Err(e) = settled {
             panic!(
                 "{hook}: TCP to {addr} ({what}) never refused within 10 s, last error: {e}; \
-                 datapath counters: {}",
+                 datapath counters: {} (reject_no_backend counts rejects built and sent back; \
+                 if it grows while the client times out, they are lost on the way back)",
                 proxy.stats()
             );
         }
@@ -204,18 +225,27 @@ fn tcp_refusal(addr: SocketAddrV4) -> Result<Duration, String> {
 /// checked that the ICMP error behind it was a port unreachable sent by `addr`'s IP (the
 /// ClusterIP, not a backend or the node).
 fn udp_refusal(addr: SocketAddrV4) -> Result<Duration, String> {
-    let sock = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)).map_err(|e| e.to_string())?;
+    let sock =
+        UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)).map_err(|e| e.to_string())?;
     sock.connect(addr).map_err(|e| format!("connect: {e}"))?;
     set_recv_errors(&sock).map_err(|e| format!("IP_RECVERR: {e}"))?;
-    sock.set_read_timeout(Some(TIMEOUT)).map_err(|e| e.to_string())?;
+    sock.set_read_timeout(Some(TIMEOUT))
+        .map_err(|e| e.to_string())?;
     let mut buf = [0u8; 64];
     let start = Instant::now();
     sock.send(b"hello").map_err(|e| format!("send: {e}"))?;
     let elapsed = match sock.recv(&mut buf) {
-        Ok(n) => return Err(format!("got a reply {:?}", String::from_utf8_lossy(&buf[..n]))),
+        Ok(n) => {
+            return Err(format!(
+                "got a reply {:?}",
+                String::from_utf8_lossy(&buf[..n])
+            ));
+        }
         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => start.elapsed(),
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-            return Err(format!("no reply and no error within {TIMEOUT:?} (dropped, not rejected)"));
+            return Err(format!(
+                "no reply and no error within {TIMEOUT:?} (dropped, not rejected)"
+            ));
         }
         Err(e) => return Err(format!("{e} ({:?})", e.kind())),
     };
@@ -227,7 +257,10 @@ fn udp_refusal(addr: SocketAddrV4) -> Result<Duration, String> {
         {
             Ok(elapsed)
         }
-        Ok(Some(q)) => Err(format!("refused, but not by an ICMP port unreachable from {}: {q:?}", addr.ip())),
+        Ok(Some(q)) => Err(format!(
+            "refused, but not by an ICMP port unreachable from {}: {q:?}",
+            addr.ip()
+        )),
         Ok(None) => Err("refused, but no ICMP error was queued".into()),
         Err(e) => Err(format!("reading the error queue: {e}")),
     }
@@ -245,25 +278,36 @@ struct BigReplyServer {
 
 impl BigReplyServer {
     fn start(netns: &str, port: u16) -> Self {
-        let sock = in_netns(netns, move || UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)))
-            .expect("pod namespace")
-            .unwrap_or_else(|e| panic!("bind UDP {port} in {netns}: {e}"));
+        let sock = in_netns(netns, move || {
+            UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))
+        })
+        .expect("pod namespace")
+        .unwrap_or_else(|e| panic!("bind UDP {port} in {netns}: {e}"));
         // Wake up now and then to look at the stop flag.
-        sock.set_read_timeout(Some(Duration::from_millis(100))).expect("read timeout");
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("read timeout");
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = thread::spawn(move || {
             let mut buf = vec![0u8; 65536];
             while !flag.load(Ordering::SeqCst) {
-                let Ok((n, from)) = sock.recv_from(&mut buf) else { continue };
+                let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                    continue;
+                };
                 let request = String::from_utf8_lossy(&buf[..n]);
-                if let Some(len) = request.strip_prefix("BIG ").and_then(|l| l.trim().parse::<usize>().ok()) {
+                if let Some(len) = request
+                    .strip_prefix("BIG ")
+                    .and_then(|l| l.trim().parse::<usize>().ok())
+                {
                     // A lost reply shows as a timeout on the client, which reports it.
                     let _ = sock.send_to(&bulk_pattern(len.min(65_000)), from);
                 }
             }
         });
-        Self { stop, thread: Some(thread) }
+        Self {
+            stop,
+            thread: Some(thread),
+        }
     }
 }
 
@@ -284,7 +328,9 @@ fn udp_datagram_of_2000_bytes_crosses_a_clusterip(hook: &str) {
     const BIG_PORT: u16 = 9090;
 
     let mut sb = sandbox("frag", hook);
-    let web0 = sb.add_pod("web-0", Ipv4Addr::new(10, 244, 0, 11)).expect("backend pod");
+    let web0 = sb
+        .add_pod("web-0", Ipv4Addr::new(10, 244, 0, 11))
+        .expect("backend pod");
     let mut ports = tcp_udp(80);
     ports.push(SvcPort::new("big", 90, "UDP", BIG_PORT));
     let manifests = Manifests::new();
@@ -299,20 +345,31 @@ fn udp_datagram_of_2000_bytes_crosses_a_clusterip(hook: &str) {
     // Client -> backend: 2000 bytes (2 fragments at MTU 1500) and 4000 (3 fragments, so more
     // than one later fragment must follow the first).
     let results = in_netns(&client_netns(&sb), move || {
-        [2000usize, 4000]
-            .map(|len| (len, udp_request_here(SocketAddrV4::new(VIP, 80), &bulk_pattern(len), TIMEOUT)))
+        [2000usize, 4000].map(|len| {
+            (
+                len,
+                udp_request_here(SocketAddrV4::new(VIP, 80), &bulk_pattern(len), TIMEOUT),
+            )
+        })
     })
     .expect("client namespace");
     for (len, result) in results {
         let (reply, from) = result.unwrap_or_else(|e| {
-            panic!("{hook}: {len}-byte datagram to {VIP}:80: {e}; datapath counters: {}", proxy.stats())
+            panic!(
+                "{hook}: {len}-byte datagram to {VIP}:80: {e}; datapath counters: {}",
+                proxy.stats()
+            )
         });
         assert_eq!(
             String::from_utf8_lossy(&reply),
             format!("web-0 {len}"),
             "{hook}: the backend must receive the {len}-byte datagram whole"
         );
-        assert_eq!(from, SocketAddrV4::new(VIP, 80), "{hook}: the reply must come from the ClusterIP");
+        assert_eq!(
+            from,
+            SocketAddrV4::new(VIP, 80),
+            "{hook}: the reply must come from the ClusterIP"
+        );
     }
     assert!(
         proxy.counter("fragment_translated") > fragments_before,
@@ -323,11 +380,32 @@ fn udp_datagram_of_2000_bytes_crosses_a_clusterip(hook: &str) {
 
     // Backend -> client: a 3000-byte reply leaves the backend as fragments and is
     // reverse-translated the same way.
-    let (reply, from) = svcproxy_tests::udp_request(&client_netns(&sb), SocketAddrV4::new(VIP, 90), b"BIG 3000", TIMEOUT)
-        .unwrap_or_else(|e| panic!("{hook}: 3000-byte reply from {VIP}:90: {e:#}; datapath counters: {}", proxy.stats()));
-    assert_eq!(reply.len(), 3000, "{hook}: the fragmented reply must arrive whole");
-    assert!(reply == bulk_pattern(3000), "{hook}: the fragmented reply arrived corrupted");
-    assert_eq!(from, SocketAddrV4::new(VIP, 90), "{hook}: the reply must come from the ClusterIP");
+    let (reply, from) = svcproxy_tests::udp_request(
+        &client_netns(&sb),
+        SocketAddrV4::new(VIP, 90),
+        b"BIG 3000",
+        TIMEOUT,
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{hook}: 3000-byte reply from {VIP}:90: {e:#}; datapath counters: {}",
+            proxy.stats()
+        )
+    });
+    assert_eq!(
+        reply.len(),
+        3000,
+        "{hook}: the fragmented reply must arrive whole"
+    );
+    assert!(
+        reply == bulk_pattern(3000),
+        "{hook}: the fragmented reply arrived corrupted"
+    );
+    assert_eq!(
+        from,
+        SocketAddrV4::new(VIP, 90),
+        "{hook}: the reply must come from the ClusterIP"
+    );
 
     proxy.stop();
 }
@@ -352,10 +430,16 @@ fn icmp_frag_needed_from_the_path_reaches_the_client(hook: &str) {
 
     let mut sb = sandbox("pmtu", hook);
     sb.add_router_pod("router", ROUTER).expect("router pod");
-    sb.add_pod_behind("router", "far-0", FAR, SMALL_MTU, PodOptions::default()).expect("pod behind the router");
+    sb.add_pod_behind("router", "far-0", FAR, SMALL_MTU, PodOptions::default())
+        .expect("pod behind the router");
     let manifests = Manifests::new();
     manifests.service("default", "far", VIP, &tcp_udp(80));
-    manifests.slice("default", "far", &endpoints(&[("far-0", FAR)]), &tcp_udp(80));
+    manifests.slice(
+        "default",
+        "far",
+        &endpoints(&[("far-0", FAR)]),
+        &tcp_udp(80),
+    );
     let proxy = Proxy::start(&sb, manifests.dir(), hook);
     proxy.wait_until_serving(&sb, "client", SocketAddrV4::new(VIP, 80));
     let client = client_netns(&sb);
@@ -363,7 +447,8 @@ fn icmp_frag_needed_from_the_path_reaches_the_client(hook: &str) {
     // Control: talking to the backend directly, no translation is involved; if this socket
     // does not learn the MTU either, the topology is broken, not the datapath.
     let direct = SocketAddrV4::new(FAR, DEFAULT_ECHO_PORT);
-    let learned = in_netns(&client, move || learn_path_mtu(direct, TOO_BIG)).expect("client namespace");
+    let learned =
+        in_netns(&client, move || learn_path_mtu(direct, TOO_BIG)).expect("client namespace");
     assert_eq!(
         learned,
         Ok(SMALL_MTU),
@@ -376,11 +461,17 @@ fn icmp_frag_needed_from_the_path_reaches_the_client(hook: &str) {
         let sock = connected_df_socket(vip)?;
         let learned = wait_for_smaller_mtu(&sock, TOO_BIG)?;
         if learned != SMALL_MTU {
-            return Err(format!("the socket's path MTU is {learned}, want {SMALL_MTU}"));
+            return Err(format!(
+                "the socket's path MTU is {learned}, want {SMALL_MTU}"
+            ));
         }
         match sock.send(&vec![0u8; TOO_BIG]) {
             Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {}
-            other => return Err(format!("a {TOO_BIG}-byte send after the MTU dropped: want EMSGSIZE, got {other:?}")),
+            other => {
+                return Err(format!(
+                    "a {TOO_BIG}-byte send after the MTU dropped: want EMSGSIZE, got {other:?}"
+                ));
+            }
         }
         // The error as queued: the router's report, with the MTU intact. The router is not
         // the backend, so its address stays (only a backend's own errors become the ClusterIP's).
@@ -390,15 +481,22 @@ fn icmp_frag_needed_from_the_path_reaches_the_client(hook: &str) {
                     && (q.icmp_type, q.icmp_code) == (3, 4)
                     && q.info == SMALL_MTU
                     && q.offender == Some(ROUTER) => {}
-            other => return Err(format!("want a queued frag-needed from {ROUTER} with MTU {SMALL_MTU}, got {other:?}")),
+            other => {
+                return Err(format!(
+                    "want a queued frag-needed from {ROUTER} with MTU {SMALL_MTU}, got {other:?}"
+                ));
+            }
         }
         // The socket also holds EMSGSIZE as a pending error; clear it, then check the flow
         // works at the learned size.
         let _ = sock.take_error();
         let fits = SMALL_MTU as usize - 28;
-        sock.send(&vec![0u8; fits]).map_err(|e| format!("a {fits}-byte send: {e}"))?;
+        sock.send(&vec![0u8; fits])
+            .map_err(|e| format!("a {fits}-byte send: {e}"))?;
         let mut buf = [0u8; 64];
-        let n = sock.recv(&mut buf).map_err(|e| format!("reply to a {fits}-byte datagram: {e}"))?;
+        let n = sock
+            .recv(&mut buf)
+            .map_err(|e| format!("reply to a {fits}-byte datagram: {e}"))?;
         let reply = String::from_utf8_lossy(&buf[..n]);
         if reply != format!("far-0 {fits}") {
             return Err(format!("reply to a {fits}-byte datagram: {reply:?}"));
@@ -418,11 +516,14 @@ fn icmp_frag_needed_from_the_path_reaches_the_client(hook: &str) {
 
 /// A UDP socket connected to `to` that sets DF and refuses to fragment locally.
 fn connected_df_socket(to: SocketAddrV4) -> Result<UdpSocket, String> {
-    let sock = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)).map_err(|e| format!("bind: {e}"))?;
-    sock.connect(to).map_err(|e| format!("connect to {to}: {e}"))?;
+    let sock = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))
+        .map_err(|e| format!("bind: {e}"))?;
+    sock.connect(to)
+        .map_err(|e| format!("connect to {to}: {e}"))?;
     set_pmtu_discovery(&sock).map_err(|e| format!("IP_MTU_DISCOVER: {e}"))?;
     set_recv_errors(&sock).map_err(|e| format!("IP_RECVERR: {e}"))?;
-    sock.set_read_timeout(Some(TIMEOUT)).map_err(|e| e.to_string())?;
+    sock.set_read_timeout(Some(TIMEOUT))
+        .map_err(|e| e.to_string())?;
     Ok(sock)
 }
 
@@ -431,7 +532,9 @@ fn connected_df_socket(to: SocketAddrV4) -> Result<UdpSocket, String> {
 fn wait_for_smaller_mtu(sock: &UdpSocket, size: usize) -> Result<u32, String> {
     let initial = path_mtu(sock).map_err(|e| format!("IP_MTU: {e}"))?;
     if initial != 1500 {
-        return Err(format!("the socket starts with path MTU {initial}, want the link's 1500"));
+        return Err(format!(
+            "the socket starts with path MTU {initial}, want the link's 1500"
+        ));
     }
     let deadline = Instant::now() + Duration::from_secs(3);
     while Instant::now() < deadline {
@@ -479,7 +582,9 @@ fn session_affinity_keeps_a_client_on_one_backend(hook: &str) {
     let mut backends = Vec::new();
     for i in 0..3u8 {
         let name = format!("web-{i}");
-        let pod = sb.add_pod(&name, Ipv4Addr::new(10, 244, 0, 11 + i)).expect("backend pod");
+        let pod = sb
+            .add_pod(&name, Ipv4Addr::new(10, 244, 0, 11 + i))
+            .expect("backend pod");
         backends.push((name, pod.ip));
     }
     let eps: Vec<(&str, Ipv4Addr)> = backends.iter().map(|(n, ip)| (n.as_str(), *ip)).collect();
@@ -491,7 +596,11 @@ fn session_affinity_keeps_a_client_on_one_backend(hook: &str) {
     proxy.wait_until_serving(&sb, "client", vip);
 
     let hits = tcp_spread(&sb, vip, 30);
-    assert_eq!(hits.len(), 1, "{hook}: ClientIP affinity: 30 TCP connections must reach one backend: {hits:?}");
+    assert_eq!(
+        hits.len(),
+        1,
+        "{hook}: ClientIP affinity: 30 TCP connections must reach one backend: {hits:?}"
+    );
     // UDP is its own frontend with its own affinity, just as sticky.
     let udp_hits = in_netns(&client_netns(&sb), move || {
         let mut hits = BTreeMap::new();
@@ -503,7 +612,11 @@ fn session_affinity_keeps_a_client_on_one_backend(hook: &str) {
         hits
     })
     .expect("client namespace");
-    assert_eq!(udp_hits.len(), 1, "{hook}: ClientIP affinity: 30 UDP sockets must reach one backend: {udp_hits:?}");
+    assert_eq!(
+        udp_hits.len(),
+        1,
+        "{hook}: ClientIP affinity: 30 UDP sockets must reach one backend: {udp_hits:?}"
+    );
 
     manifests.service_with("default", "web", VIP, &tcp_udp(80), none, &[]);
     let spread = converge(&sb, vip, |hits| hits.len() >= 2);
@@ -513,7 +626,10 @@ fn session_affinity_keeps_a_client_on_one_backend(hook: &str) {
          backend for {CONVERGE:?}: {spread:?}"
     );
     let hits = tcp_spread(&sb, vip, 30);
-    assert!(hits.len() >= 2, "{hook}: sessionAffinity None: 30 connections must spread: {hits:?}");
+    assert!(
+        hits.len() >= 2,
+        "{hook}: sessionAffinity None: 30 connections must spread: {hits:?}"
+    );
 
     manifests.service_with("default", "web", VIP, &tcp_udp(80), client_ip, &[]);
     let sticky = converge(&sb, vip, |hits| hits.len() == 1);
@@ -523,7 +639,11 @@ fn session_affinity_keeps_a_client_on_one_backend(hook: &str) {
          {CONVERGE:?}: {sticky:?}"
     );
     let hits = tcp_spread(&sb, vip, 30);
-    assert_eq!(hits.len(), 1, "{hook}: ClientIP again: 30 TCP connections must reach one backend: {hits:?}");
+    assert_eq!(
+        hits.len(),
+        1,
+        "{hook}: ClientIP again: 30 TCP connections must reach one backend: {hits:?}"
+    );
     proxy.stop();
 }
 
@@ -575,7 +695,9 @@ fn maglev_spreads_and_is_stable(hook: &str) {
     let mut backends = Vec::new();
     for i in 0..5u8 {
         let name = format!("web-{i}");
-        let pod = sb.add_pod(&name, Ipv4Addr::new(10, 244, 0, 11 + i)).expect("backend pod");
+        let pod = sb
+            .add_pod(&name, Ipv4Addr::new(10, 244, 0, 11 + i))
+            .expect("backend pod");
         backends.push((name, pod.ip));
     }
     let eps: Vec<(&str, Ipv4Addr)> = backends.iter().map(|(n, ip)| (n.as_str(), *ip)).collect();
@@ -587,9 +709,16 @@ fn maglev_spreads_and_is_stable(hook: &str) {
     proxy.wait_until_serving(&sb, "client", vip);
 
     let hits = tcp_spread(&sb, vip, 200);
-    assert_eq!(hits.len(), 4, "{hook}: 200 connections must reach all 4 backends: {hits:?}");
+    assert_eq!(
+        hits.len(),
+        4,
+        "{hook}: 200 connections must reach all 4 backends: {hits:?}"
+    );
     for (pod, n) in &hits {
-        assert!(*n >= 30, "{hook}: {pod} got {n} of 200 connections (< 15%): {hits:?}");
+        assert!(
+            *n >= 30,
+            "{hook}: {pod} got {n} of 200 connections (< 15%): {hits:?}"
+        );
     }
 
     // One socket per source port, kept open so each re-send repeats its 5-tuple.
@@ -597,7 +726,8 @@ fn maglev_spreads_and_is_stable(hook: &str) {
     let udp = in_netns(&client, move || {
         UDP_PORTS
             .map(|p| {
-                UdpSocket::bind(SocketAddrV4::new(CLIENT, p)).unwrap_or_else(|e| panic!("bind UDP {CLIENT}:{p}: {e}"))
+                UdpSocket::bind(SocketAddrV4::new(CLIENT, p))
+                    .unwrap_or_else(|e| panic!("bind UDP {CLIENT}:{p}: {e}"))
             })
             .collect::<Vec<_>>()
     })
@@ -607,12 +737,16 @@ fn maglev_spreads_and_is_stable(hook: &str) {
         let socks = udp.clone();
         in_netns(&client, move || udp_backends(&socks, vip)).expect("client namespace")
     };
-    let tcp_round = || in_netns(&client, move || tcp_backends(TCP_PORTS, vip)).expect("client namespace");
+    let tcp_round =
+        || in_netns(&client, move || tcp_backends(TCP_PORTS, vip)).expect("client namespace");
 
     let udp_first = udp_round();
     let udp_again = udp_round();
     let changed = changes(&udp_first, &udp_again);
-    assert!(changed.is_empty(), "{hook}: UDP flows with live conntrack entries changed backend: {changed:?}");
+    assert!(
+        changed.is_empty(),
+        "{hook}: UDP flows with live conntrack entries changed backend: {changed:?}"
+    );
 
     let tcp_first = tcp_round();
     let tcp_again = tcp_round();
@@ -675,11 +809,16 @@ fn udp_backends(socks: &[UdpSocket], vip: SocketAddrV4) -> BTreeMap<u16, String>
         .map(|s| {
             let port = s.local_addr().expect("local address").port();
             s.set_read_timeout(Some(TIMEOUT)).expect("read timeout");
-            s.send_to(b"NAME", vip).unwrap_or_else(|e| panic!("UDP send from port {port}: {e}"));
+            s.send_to(b"NAME", vip)
+                .unwrap_or_else(|e| panic!("UDP send from port {port}: {e}"));
             let (n, from) = s
                 .recv_from(&mut buf)
                 .unwrap_or_else(|e| panic!("UDP reply to source port {port} from {vip}: {e}"));
-            assert_eq!(from, vip.into(), "UDP reply to source port {port} must come from the ClusterIP");
+            assert_eq!(
+                from,
+                vip.into(),
+                "UDP reply to source port {port} must come from the ClusterIP"
+            );
             (port, udp_pod(&buf[..n]))
         })
         .collect()
@@ -710,7 +849,10 @@ fn tcp_name_from(local: SocketAddrV4, vip: SocketAddrV4) -> io::Result<String> {
 }
 
 /// The source ports whose backend differs between two rounds: port -> (before, after).
-fn changes(before: &BTreeMap<u16, String>, after: &BTreeMap<u16, String>) -> BTreeMap<u16, (String, String)> {
+fn changes(
+    before: &BTreeMap<u16, String>,
+    after: &BTreeMap<u16, String>,
+) -> BTreeMap<u16, (String, String)> {
     before
         .iter()
         .filter_map(|(port, b)| {

@@ -397,28 +397,23 @@ fn two_sandboxes_at_once_are_isolated() {
     );
 }
 
-/// Run by `sandbox_needs_root` as an unprivileged child process.
-#[test]
-#[ignore = "run as non-root by sandbox_needs_root"]
-fn unprivileged_child() {
-    // Only meaningful in the child that sandbox_needs_root starts as nobody.
-    if std::env::var_os("SVCPROXY_SANDBOX_CHILD").is_none() {
-        return;
-    }
-    let err = Sandbox::new("child", NODE_IP)
-        .err()
-        .expect("must fail without root");
-    let message = format!("{err:#}");
-    assert!(message.contains("root"), "{message}");
-}
-
+/// The test re-runs itself as `nobody`: in that child, building a sandbox must fail with a
+/// message naming root.
 #[test]
 fn sandbox_needs_root() {
     use std::os::unix::process::CommandExt;
+    if std::env::var_os("SVCPROXY_SANDBOX_CHILD").is_some() {
+        let err = Sandbox::new("child", NODE_IP)
+            .err()
+            .expect("must fail without root");
+        let message = format!("{err:#}");
+        assert!(message.contains("root"), "{message}");
+        return;
+    }
     let exe = std::env::current_exe().expect("find the test binary");
     let mut child = std::process::Command::new(exe);
     child
-        .args(["--exact", "unprivileged_child", "--ignored"])
+        .args(["--exact", "sandbox_needs_root"])
         .env("SVCPROXY_SANDBOX_CHILD", "1");
     // SAFETY: setgroups/setgid/setuid are async-signal-safe and the closure allocates
     // nothing.

@@ -19,7 +19,11 @@ use svcproxy_tests::{Sandbox, in_netns, tcp_request_here};
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 fn unique(tag: &str) -> String {
-    format!("{tag}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{tag}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// The `svcproxy` binary: `SVCPROXY_BIN`, else next to the test executable's `deps/` dir.
@@ -28,7 +32,10 @@ pub fn svcproxy_bin() -> PathBuf {
         return p.into();
     }
     let exe = std::env::current_exe().expect("current exe");
-    let bin = exe.parent().and_then(Path::parent).map(|d| d.join("svcproxy"));
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("svcproxy"));
     match bin {
         Some(b) if b.exists() => b,
         _ => panic!("svcproxy binary not found: run `cargo build --bins` or set SVCPROXY_BIN"),
@@ -44,7 +51,12 @@ pub struct SvcPort {
 
 impl SvcPort {
     pub fn new(name: &str, port: u16, protocol: &str, target: u16) -> Self {
-        Self { name: name.into(), port, protocol: protocol.into(), target }
+        Self {
+            name: name.into(),
+            port,
+            protocol: protocol.into(),
+            target,
+        }
     }
 }
 
@@ -58,7 +70,13 @@ pub struct Endpoint {
 
 impl Endpoint {
     pub fn ready(ip: Ipv4Addr, pod: &str) -> Self {
-        Self { ip, pod: pod.into(), ready: true, serving: true, terminating: false }
+        Self {
+            ip,
+            pod: pod.into(),
+            ready: true,
+            serving: true,
+            terminating: false,
+        }
     }
 }
 
@@ -104,13 +122,18 @@ impl Manifests {
             .iter()
             .map(|p| json!({"name": p.name, "port": p.port, "protocol": p.protocol, "targetPort": p.target}))
             .collect();
-        let mut spec = json!({"clusterIP": ip.to_string(), "clusterIPs": [ip.to_string()], "ports": ports});
+        let mut spec =
+            json!({"clusterIP": ip.to_string(), "clusterIPs": [ip.to_string()], "ports": ports});
         let Value::Object(extra) = extra_spec else {
             panic!("extra spec of Service {ns}/{name} must be a JSON object, got {extra_spec}");
         };
-        spec.as_object_mut().expect("spec is an object").extend(extra);
-        let annotations: serde_json::Map<String, Value> =
-            annotations.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+        spec.as_object_mut()
+            .expect("spec is an object")
+            .extend(extra);
+        let annotations: serde_json::Map<String, Value> = annotations
+            .iter()
+            .map(|(k, v)| (k.to_string(), json!(v)))
+            .collect();
         self.write(
             &format!("{ns}-{name}-svc.json"),
             &json!({
@@ -174,15 +197,31 @@ impl Proxy {
             .node_command(svcproxy_bin())
             .args(["run", "--manifests"])
             .arg(manifests)
-            .args(["--interfaces", &sb.veth_glob(), "--hook", hook, "--pin-path"])
+            .args([
+                "--interfaces",
+                &sb.veth_glob(),
+                "--hook",
+                hook,
+                "--pin-path",
+            ])
             .arg(&pin_dir)
-            .args(["--max-frontends", "1024", "--max-slots", "4096", "--max-backends", "4096"])
+            .args([
+                "--max-frontends",
+                "1024",
+                "--max-slots",
+                "4096",
+                "--max-backends",
+                "4096",
+            ])
             .args(["--max-flows", "65536"])
             .env("SVCPROXY_LOG", "info")
             .stdin(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("starting svcproxy: {e}"));
-        Self { child: Some(child), pin_dir }
+        Self {
+            child: Some(child),
+            pin_dir,
+        }
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -192,14 +231,17 @@ impl Proxy {
     /// The datapath's outcome counters (`STATS`, summed over CPUs) by name.
     pub fn counters(&self) -> Result<Vec<(&'static str, u64)>, String> {
         let path = self.pin_dir.join(STATS);
-        let map = MapData::from_pin(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let map =
+            MapData::from_pin(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
         let counters = PerCpuArray::<_, u64>::try_from(Map::PerCpuArray(map))
             .map_err(|e| format!("{} is no per-CPU array: {e}", path.display()))?;
         STAT_NAMES
             .iter()
             .enumerate()
             .map(|(i, name)| {
-                let per_cpu = counters.get(&(i as u32), 0).map_err(|e| format!("reading {name}: {e}"))?;
+                let per_cpu = counters
+                    .get(&(i as u32), 0)
+                    .map_err(|e| format!("reading {name}: {e}"))?;
                 Ok((*name, per_cpu.iter().sum()))
             })
             .collect()
@@ -207,7 +249,10 @@ impl Proxy {
 
     /// One counter of [`counters`](Self::counters) (0 when unreadable).
     pub fn counter(&self, name: &str) -> u64 {
-        self.counters().ok().and_then(|c| c.into_iter().find(|(n, _)| *n == name)).map_or(0, |(_, v)| v)
+        self.counters()
+            .ok()
+            .and_then(|c| c.into_iter().find(|(n, _)| *n == name))
+            .map_or(0, |(_, v)| v)
     }
 
     /// The non-zero counters as `"fwd_new=3 reply=3"`, for failure messages: they tell which
@@ -216,9 +261,16 @@ impl Proxy {
         match self.counters() {
             Err(e) => format!("(counters unavailable: {e})"),
             Ok(c) => {
-                let set: Vec<String> =
-                    c.iter().filter(|(_, v)| *v != 0).map(|(n, v)| format!("{n}={v}")).collect();
-                if set.is_empty() { "(all zero)".into() } else { set.join(" ") }
+                let set: Vec<String> = c
+                    .iter()
+                    .filter(|(_, v)| *v != 0)
+                    .map(|(n, v)| format!("{n}={v}"))
+                    .collect();
+                if set.is_empty() {
+                    "(all zero)".into()
+                } else {
+                    set.join(" ")
+                }
             }
         }
     }
@@ -244,7 +296,10 @@ impl Proxy {
     pub fn stop(mut self) {
         let mut child = self.child.take().expect("running");
         let status = terminate(&mut child);
-        assert!(status.is_some_and(|s| s.success()), "svcproxy exited with {status:?}");
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "svcproxy exited with {status:?}"
+        );
     }
 }
 

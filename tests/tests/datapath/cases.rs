@@ -29,12 +29,23 @@ pub const OPT_RA: [u8; 4] = [0x94, 0x04, 0x00, 0x00];
 /// Router Alert followed by NOP, NOP, NOP, End of options: an 8-byte options area.
 pub const OPT_RA_PADDED: [u8; 8] = [0x94, 0x04, 0x00, 0x00, 0x01, 0x01, 0x01, 0x00];
 
+/// The options of a Linux SYN: MSS 1460, SACK permitted, timestamps, NOP, window scale 7.
+pub const SYN_TCP_OPTIONS: [u8; 20] = [
+    0x02, 0x04, 0x05, 0xb4, 0x04, 0x02, 0x08, 0x0a, 0x00, 0x01, 0xe2, 0x40, 0x00, 0x00, 0x00, 0x00,
+    0x01, 0x03, 0x03, 0x07,
+];
+
 pub fn a(x: [u8; 4]) -> Ipv4Addr {
     Ipv4Addr::from(x)
 }
 
 pub fn step(input: Vec<u8>, expect: Expect, stat: u32) -> Step {
-    Step { input, expect, stat }
+    Step {
+        input,
+        expect,
+        stat,
+        only_on: None,
+    }
 }
 
 /// `input` must come out as `output`, counted as `stat`.
@@ -82,13 +93,18 @@ pub fn rst_to(cport: u16) -> Ip {
 /// The ICMP port unreachable the frontend (the offending packet's destination) sends back to
 /// its source, quoting its IPv4 header (options included) and 8 bytes of its payload.
 pub fn port_unreachable_for(offending: &Ip) -> Ip {
-    icmp(offending.dst, offending.src, ICMP_DEST_UNREACH, CODE_PORT_UNREACH)
-        .reply_macs()
-        .id(0)
-        .frag(DF)
-        .ttl(64)
-        .tos(0)
-        .payload(&offending.quote(8))
+    icmp(
+        offending.dst,
+        offending.src,
+        ICMP_DEST_UNREACH,
+        CODE_PORT_UNREACH,
+    )
+    .reply_macs()
+    .id(0)
+    .frag(DF)
+    .ttl(64)
+    .tos(0)
+    .payload(&offending.quote(8))
 }
 
 /// What a reverse-translated ICMP error quotes: the packet as the client sent it

@@ -3,6 +3,8 @@
 //! destination address and port restored, and the outer source too when the backend itself
 //! sent the error. Errors from a router on the path keep the router as their source.
 
+use std::net::Ipv4Addr;
+
 use proxy_common::stats::*;
 use svcproxy::desired::Protocol;
 
@@ -15,16 +17,17 @@ use crate::{
     },
 };
 
-/// The error `(src, type, code, rest)` about `translated` (quoting `l4_bytes` of it) and what
-/// the client must receive instead: from `client_sees_src`, quoting `original`.
-struct Err {
-    src: std::net::Ipv4Addr,
+/// An ICMP error sent to the client by `src`.
+struct IcmpError {
+    src: Ipv4Addr,
     icmp_type: u8,
     code: u8,
     rest: [u8; 4],
 }
 
-impl Err {
+impl IcmpError {
+    /// The error as sent: quoting `l4_bytes` of `translated`, the packet as the backend (or a
+    /// router on the way to it) saw it.
     fn about(&self, translated: &Ip, l4_bytes: usize) -> Ip {
         icmp(self.src, CLIENT, self.icmp_type, self.code)
             .rest(self.rest)
@@ -32,7 +35,9 @@ impl Err {
             .payload(&translated.quote(l4_bytes))
     }
 
-    fn as_delivered(&self, src: std::net::Ipv4Addr, original: &Ip, translated: &Ip, l4_bytes: usize) -> Ip {
+    /// The error as the client must receive it: from `src`, quoting what it sent
+    /// (`original`).
+    fn as_delivered(&self, src: Ipv4Addr, original: &Ip, translated: &Ip, l4_bytes: usize) -> Ip {
         icmp(src, CLIENT, self.icmp_type, self.code)
             .rest(self.rest)
             .ttl(61)
@@ -40,36 +45,39 @@ impl Err {
     }
 }
 
-const FROM_BACKEND_PORT_UNREACH: Err = Err {
-    src: std::net::Ipv4Addr::new(10, 244, 1, 11), // B1
-    icmp_type: ICMP_DEST_UNREACH,
-    code: CODE_PORT_UNREACH,
-    rest: [0; 4],
-};
-
 pub fn cases() -> Vec<Case> {
-    assert_eq!(FROM_BACKEND_PORT_UNREACH.src, a(B1));
     let query = ip((CLIENT, 40010), (VIP_A, 53), UDP).payload(b"query");
     let query_out = query.clone().with_dst(a(B1), 5353);
     let syn = ip((CLIENT, 40011), (VIP_A, 80), TCP).payload(&[0x42; 1200]);
     let syn_out = syn.clone().with_dst(a(B1), 8080);
-    let frag_needed = Err {
+    let port_unreachable = IcmpError {
+        src: a(B1),
+        icmp_type: ICMP_DEST_UNREACH,
+        code: CODE_PORT_UNREACH,
+        rest: [0; 4],
+    };
+    let frag_needed = IcmpError {
         src: ROUTER,
         icmp_type: ICMP_DEST_UNREACH,
         code: CODE_FRAG_NEEDED,
         rest: [0, 0, 0x04, 0xd8], // next-hop MTU 1240
     };
-    let time_exceeded = Err { src: ROUTER, icmp_type: ICMP_TIME_EXCEEDED, code: 0, rest: [0; 4] };
-    let param_problem = Err {
+    let time_exceeded = IcmpError {
+        src: ROUTER,
+        icmp_type: ICMP_TIME_EXCEEDED,
+        code: 0,
+        rest: [0; 4],
+    };
+    let param_problem = IcmpError {
         src: a(B1),
         icmp_type: ICMP_PARAMETER_PROBLEM,
         code: 0,
         rest: [20, 0, 0, 0], // pointer
     };
-    let e = &FROM_BACKEND_PORT_UNREACH;
+    let e = &port_unreachable;
     vec![
         Case {
-            name: "port unreachable from the backend reaches the client from the frontend about the frontend",
+            name: "port unreachable from the backend reaches the client as from and about the VIP",
             frontends: udp_svc(),
             steps: vec![
                 rewrites(&query, &query_out, STAT_FWD_NEW),
@@ -99,7 +107,12 @@ pub fn cases() -> Vec<Case> {
                 rewrites(&query, &query_out, STAT_FWD_NEW),
                 rewrites(
                     &time_exceeded.about(&query_out.clone().ttl(1), 8),
-                    &time_exceeded.as_delivered(ROUTER, &query.clone().ttl(1), &query_out.clone().ttl(1), 8),
+                    &time_exceeded.as_delivered(
+                        ROUTER,
+                        &query.clone().ttl(1),
+                        &query_out.clone().ttl(1),
+                        8,
+                    ),
                     STAT_ICMP_ERROR_REPLY,
                 ),
             ],
@@ -117,7 +130,7 @@ pub fn cases() -> Vec<Case> {
             ],
         },
         Case {
-            name: "an ICMP error quoting a packet with IP options is restored through the inner IHL",
+            name: "an ICMP error quoting a packet with IP options is restored via the inner IHL",
             frontends: udp_svc(),
             steps: {
                 let q = query.clone().options(&OPT_RA_PADDED);
@@ -140,6 +153,19 @@ pub fn cases() -> Vec<Case> {
                 rewrites(
                     &frag_needed.about(&syn_out, 20 + 64),
                     &frag_needed.as_delivered(ROUTER, &syn, &syn_out, 20 + 64),
+                    STAT_ICMP_ERROR_REPLY,
+                ),
+            ],
+        },
+        Case {
+            name: "an ICMP error with IP options of its own is restored via the outer IHL",
+            frontends: udp_svc(),
+            steps: vec![
+                rewrites(&query, &query_out, STAT_FWD_NEW),
+                rewrites(
+                    &e.about(&query_out, 8).options(&OPT_RA),
+                    &e.as_delivered(VIP_A, &query, &query_out, 8)
+                        .options(&OPT_RA),
                     STAT_ICMP_ERROR_REPLY,
                 ),
             ],
@@ -179,7 +205,10 @@ pub fn cases() -> Vec<Case> {
         Case {
             name: "an ICMP error about a flow the datapath does not know passes untouched",
             frontends: udp_svc(),
-            steps: vec![untouched(e.about(&query_out, 8).frame(), STAT_PASS_NO_SERVICE)],
+            steps: vec![untouched(
+                e.about(&query_out, 8).frame(),
+                STAT_PASS_NO_SERVICE,
+            )],
         },
         Case {
             name: "an ICMP error quoting an ICMP query passes untouched",
@@ -187,7 +216,11 @@ pub fn cases() -> Vec<Case> {
             steps: vec![
                 rewrites(&query, &query_out, STAT_FWD_NEW),
                 untouched(
-                    e.about(&icmp(CLIENT, a(B1), ICMP_ECHO_REQUEST, 0).rest([0, 1, 0, 1]), 8).frame(),
+                    e.about(
+                        &icmp(CLIENT, a(B1), ICMP_ECHO_REQUEST, 0).rest([0, 1, 0, 1]),
+                        8,
+                    )
+                    .frame(),
                     STAT_PASS_NO_SERVICE,
                 ),
             ],

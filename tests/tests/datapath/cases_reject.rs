@@ -24,13 +24,20 @@ pub fn cases() -> Vec<Case> {
 fn tcp_rst() -> Vec<Case> {
     let syn = ip((CLIENT, 40000), (VIP_A, 80), TCP);
     let bounced = |input: &crate::packet::Ip, want: crate::packet::Ip| {
-        step(input.frame(), Expect::Bounced(want.frame()), STAT_REJECT_NO_BACKEND)
+        step(
+            input.frame(),
+            Expect::Bounced(want.frame()),
+            STAT_REJECT_NO_BACKEND,
+        )
     };
     vec![
         Case {
             name: "a SYN to a frontend without endpoints gets RST+ACK acknowledging the SYN",
             frontends: empty_svc(80, Protocol::Tcp),
-            steps: vec![bounced(&syn, rst_to(40000).flags(RST | ACK).seq(0).ack(1001))],
+            steps: vec![bounced(
+                &syn,
+                rst_to(40000).flags(RST | ACK).seq(0).ack(1001),
+            )],
         },
         Case {
             name: "the RST's IP header is fresh: id 0, DF, TTL 64, TOS 0 whatever the SYN had",
@@ -52,7 +59,11 @@ fn tcp_rst() -> Vec<Case> {
             name: "a data segment with ACK gets a RST with seq = its ack and without the payload",
             frontends: empty_svc(80, Protocol::Tcp),
             steps: vec![bounced(
-                &syn.clone().flags(ACK | PSH).seq(1001).ack(5555).payload(b"GET / HTTP/1.1\r\n\r\n"),
+                &syn.clone()
+                    .flags(ACK | PSH)
+                    .seq(1001)
+                    .ack(5555)
+                    .payload(b"GET / HTTP/1.1\r\n\r\n"),
                 rst_to(40000).flags(RST).seq(5555),
             )],
         },
@@ -62,6 +73,14 @@ fn tcp_rst() -> Vec<Case> {
             steps: vec![bounced(
                 &syn.clone().payload(b"early"),
                 rst_to(40000).flags(RST | ACK).seq(0).ack(1000 + 5 + 1),
+            )],
+        },
+        Case {
+            name: "a SYN with TCP options gets RST+ACK for the SYN alone (options are no payload)",
+            frontends: empty_svc(80, Protocol::Tcp),
+            steps: vec![bounced(
+                &syn.clone().tcp_options(&SYN_TCP_OPTIONS),
+                rst_to(40000).flags(RST | ACK).seq(0).ack(1001),
             )],
         },
         Case {
@@ -93,7 +112,11 @@ fn tcp_rst() -> Vec<Case> {
             frontends: empty_svc(80, Protocol::Tcp),
             steps: vec![bounced(
                 &syn.clone().options(&OPT_RA_PADDED),
-                rst_to(40000).options(&OPT_RA_PADDED).flags(RST | ACK).seq(0).ack(1001),
+                rst_to(40000)
+                    .options(&OPT_RA_PADDED)
+                    .flags(RST | ACK)
+                    .seq(0)
+                    .ack(1001),
             )],
         },
         Case {
@@ -127,7 +150,7 @@ fn icmp_port_unreachable() -> Vec<Case> {
     };
     vec![
         Case {
-            name: "udp to a frontend without endpoints gets ICMP port unreachable from the frontend",
+            name: "udp to a frontend without endpoints gets port unreachable from the frontend",
             frontends: empty_svc(53, Protocol::Udp),
             steps: vec![bounced(&query)],
         },
@@ -149,7 +172,9 @@ fn icmp_port_unreachable() -> Vec<Case> {
         Case {
             name: "sctp to a frontend without endpoints gets ICMP port unreachable",
             frontends: empty_svc(3868, Protocol::Sctp),
-            steps: vec![bounced(&ip((CLIENT, 40000), (VIP_A, 3868), SCTP).payload(&[0; 16]))],
+            steps: vec![bounced(
+                &ip((CLIENT, 40000), (VIP_A, 3868), SCTP).payload(&[0; 16]),
+            )],
         },
         Case {
             name: "udp with IP options gets a port unreachable quoting the header with its options",

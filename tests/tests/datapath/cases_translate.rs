@@ -27,10 +27,14 @@ fn hits() -> Vec<Case> {
         Case {
             name: "tcp syn to a ClusterIP is DNATed to the backend and target port",
             frontends: tcp_svc(),
-            steps: vec![rewrites(&syn, &syn.clone().with_dst(a(B1), 8080), STAT_FWD_NEW)],
+            steps: vec![rewrites(
+                &syn,
+                &syn.clone().with_dst(a(B1), 8080),
+                STAT_FWD_NEW,
+            )],
         },
         Case {
-            name: "tcp to a ClusterIP whose target port is its port gets only the address rewritten",
+            name: "tcp to a ClusterIP whose target port is its port: only the address rewritten",
             frontends: vec![svc(fe(VIP, 443, Protocol::Tcp), vec![be(B1, 443)])],
             steps: vec![{
                 let s = ip((CLIENT, 40000), (VIP_A, 443), TCP);
@@ -40,10 +44,14 @@ fn hits() -> Vec<Case> {
         Case {
             name: "udp to a ClusterIP is DNATed to the backend and target port",
             frontends: udp_svc(),
-            steps: vec![rewrites(&query, &query.clone().with_dst(a(B1), 5353), STAT_FWD_NEW)],
+            steps: vec![rewrites(
+                &query,
+                &query.clone().with_dst(a(B1), 5353),
+                STAT_FWD_NEW,
+            )],
         },
         Case {
-            name: "udp to a ClusterIP whose target port is its port gets only the address rewritten",
+            name: "udp to a ClusterIP whose target port is its port: only the address rewritten",
             frontends: vec![svc(fe(VIP, 5000, Protocol::Udp), vec![be(B1, 5000)])],
             steps: vec![{
                 let q = ip((CLIENT, 40001), (VIP_A, 5000), UDP).payload(b"query");
@@ -62,7 +70,9 @@ fn hits() -> Vec<Case> {
             name: "udp without checksum keeps checksum 0 when translated",
             frontends: udp_svc(),
             steps: vec![{
-                let q = ip((CLIENT, 40002), (VIP_A, 53), UDP).payload(b"q").no_udp_csum();
+                let q = ip((CLIENT, 40002), (VIP_A, 53), UDP)
+                    .payload(b"q")
+                    .no_udp_csum();
                 rewrites(&q, &q.clone().with_dst(a(B1), 5353), STAT_FWD_NEW)
             }],
         },
@@ -82,8 +92,16 @@ fn hits() -> Vec<Case> {
             steps: vec![
                 rewrites(&syn, &syn.clone().with_dst(a(B1), 8080), STAT_FWD_NEW),
                 {
-                    let data = syn.clone().flags(ACK | PSH).seq(1001).payload(b"GET / HTTP/1.1\r\n\r\n");
-                    rewrites(&data, &data.clone().with_dst(a(B1), 8080), STAT_FWD_ESTABLISHED)
+                    let data = syn
+                        .clone()
+                        .flags(ACK | PSH)
+                        .seq(1001)
+                        .payload(b"GET / HTTP/1.1\r\n\r\n");
+                    rewrites(
+                        &data,
+                        &data.clone().with_dst(a(B1), 8080),
+                        STAT_FWD_ESTABLISHED,
+                    )
                 },
             ],
         },
@@ -138,7 +156,10 @@ fn hits() -> Vec<Case> {
             steps: vec![step(
                 syn.frame(),
                 Expect::OneOf(
-                    [B1, B2, B3].iter().map(|b| syn.clone().with_dst(a(*b), 8080).frame()).collect(),
+                    [B1, B2, B3]
+                        .iter()
+                        .map(|b| syn.clone().with_dst(a(*b), 8080).frame())
+                        .collect(),
                 ),
                 STAT_FWD_NEW,
             )],
@@ -151,6 +172,14 @@ fn hits() -> Vec<Case> {
                 Expect::Rewritten(eth_padded(syn.clone().with_dst(a(B1), 8080).frame())),
                 STAT_FWD_NEW,
             )],
+        },
+        Case {
+            name: "a SYN with TCP options is translated with its options intact",
+            frontends: tcp_svc(),
+            steps: vec![{
+                let s = syn.clone().tcp_options(&SYN_TCP_OPTIONS);
+                rewrites(&s, &s.clone().with_dst(a(B1), 8080), STAT_FWD_NEW)
+            }],
         },
         Case {
             name: "IPv4 options on a tcp hit: L4 found through IHL and rewritten",
@@ -183,12 +212,18 @@ fn replies() -> Vec<Case> {
             steps: vec![
                 rewrites(&syn, &syn_out, STAT_FWD_NEW),
                 {
-                    let synack = ip((a(B1), 8080), (CLIENT, 40000), TCP).flags(SYN | ACK).ack(1001);
+                    let synack = ip((a(B1), 8080), (CLIENT, 40000), TCP)
+                        .flags(SYN | ACK)
+                        .ack(1001);
                     rewrites(&synack, &synack.clone().with_src(VIP_A, 80), STAT_REPLY)
                 },
                 {
                     let req = syn.clone().flags(ACK).seq(1001).payload(b"GET /");
-                    rewrites(&req, &req.clone().with_dst(a(B1), 8080), STAT_FWD_ESTABLISHED)
+                    rewrites(
+                        &req,
+                        &req.clone().with_dst(a(B1), 8080),
+                        STAT_FWD_ESTABLISHED,
+                    )
                 },
             ],
         },
@@ -228,7 +263,9 @@ fn replies() -> Vec<Case> {
             name: "udp reply without checksum keeps checksum 0",
             frontends: udp_svc(),
             steps: vec![rewrites(&query, &query_out, STAT_FWD_NEW), {
-                let ans = ip((a(B1), 5353), (CLIENT, 40003), UDP).payload(b"a").no_udp_csum();
+                let ans = ip((a(B1), 5353), (CLIENT, 40003), UDP)
+                    .payload(b"a")
+                    .no_udp_csum();
                 rewrites(&ans, &ans.clone().with_src(VIP_A, 53), STAT_REPLY)
             }],
         },
@@ -236,8 +273,9 @@ fn replies() -> Vec<Case> {
             name: "udp reply whose translated checksum computes to 0 is sent with checksum 0xffff",
             frontends: udp_svc(),
             steps: vec![rewrites(&query, &query_out, STAT_FWD_NEW), {
-                let out =
-                    ip((VIP_A, 53), (CLIENT, 40003), UDP).payload(b"zero").udp_csum_computes_to_zero();
+                let out = ip((VIP_A, 53), (CLIENT, 40003), UDP)
+                    .payload(b"zero")
+                    .udp_csum_computes_to_zero();
                 rewrites(&out.clone().with_src(a(B1), 5353), &out, STAT_REPLY)
             }],
         },
@@ -247,7 +285,9 @@ fn replies() -> Vec<Case> {
             steps: vec![
                 rewrites(&syn, &syn_out, STAT_FWD_NEW),
                 untouched(
-                    ip((a(B1), 8080), (CLIENT, 40999), TCP).flags(SYN | ACK).frame(),
+                    ip((a(B1), 8080), (CLIENT, 40999), TCP)
+                        .flags(SYN | ACK)
+                        .frame(),
                     STAT_PASS_NO_SERVICE,
                 ),
             ],
@@ -258,7 +298,9 @@ fn replies() -> Vec<Case> {
             steps: vec![
                 rewrites(&syn, &syn_out, STAT_FWD_NEW),
                 untouched(
-                    ip((a(B1), 9999), (CLIENT, 40000), TCP).flags(SYN | ACK).frame(),
+                    ip((a(B1), 9999), (CLIENT, 40000), TCP)
+                        .flags(SYN | ACK)
+                        .frame(),
                     STAT_PASS_NO_SERVICE,
                 ),
             ],
@@ -269,7 +311,9 @@ fn replies() -> Vec<Case> {
             steps: vec![
                 rewrites(&syn, &syn_out, STAT_FWD_NEW),
                 untouched(
-                    ip((a(B1), 8080), (OTHER, 40000), TCP).flags(SYN | ACK).frame(),
+                    ip((a(B1), 8080), (OTHER, 40000), TCP)
+                        .flags(SYN | ACK)
+                        .frame(),
                     STAT_PASS_NO_SERVICE,
                 ),
             ],
@@ -286,7 +330,10 @@ fn flows() -> Vec<Case> {
             frontends: tcp_svc(),
             steps: vec![
                 fwd(&syn, STAT_FWD_NEW),
-                fwd(&syn.clone().flags(FIN | ACK).seq(1001), STAT_FWD_ESTABLISHED),
+                fwd(
+                    &syn.clone().flags(FIN | ACK).seq(1001),
+                    STAT_FWD_ESTABLISHED,
+                ),
             ],
         },
         Case {
@@ -294,7 +341,10 @@ fn flows() -> Vec<Case> {
             frontends: tcp_svc(),
             steps: vec![
                 fwd(&syn, STAT_FWD_NEW),
-                fwd(&syn.clone().flags(FIN | ACK).seq(1001), STAT_FWD_ESTABLISHED),
+                fwd(
+                    &syn.clone().flags(FIN | ACK).seq(1001),
+                    STAT_FWD_ESTABLISHED,
+                ),
                 // The last ACK of the close still belongs to the old flow.
                 fwd(&syn.clone().flags(ACK).seq(1002), STAT_FWD_ESTABLISHED),
                 fwd(&syn.clone().seq(5000), STAT_FWD_NEW),
@@ -315,7 +365,10 @@ fn flows() -> Vec<Case> {
             steps: vec![
                 fwd(&syn, STAT_FWD_NEW),
                 {
-                    let rst = ip((a(B1), 8080), (CLIENT, 40000), TCP).flags(RST | ACK).seq(0).ack(1001);
+                    let rst = ip((a(B1), 8080), (CLIENT, 40000), TCP)
+                        .flags(RST | ACK)
+                        .seq(0)
+                        .ack(1001);
                     rewrites(&rst, &rst.clone().with_src(VIP_A, 80), STAT_REPLY)
                 },
                 fwd(&syn.clone().seq(5000), STAT_FWD_NEW),
@@ -345,7 +398,9 @@ fn flows() -> Vec<Case> {
 fn fragments() -> Vec<Case> {
     // 40 bytes of payload after an 8-byte UDP header, split after 24 bytes: the first
     // fragment carries the header and 16 bytes, the later one the last 24.
-    let dgram = ip((CLIENT, 40020), (VIP_A, 53), UDP).id(0x5151).payload(&[0xab; 40]);
+    let dgram = ip((CLIENT, 40020), (VIP_A, 53), UDP)
+        .id(0x5151)
+        .payload(&[0xab; 40]);
     let (f1, f2) = dgram.fragments(24);
     let (t1, t2) = dgram.clone().with_dst(a(B1), 5353).fragments(24);
     vec![
@@ -354,7 +409,11 @@ fn fragments() -> Vec<Case> {
             frontends: udp_svc(),
             steps: vec![
                 step(f1.clone(), Expect::Rewritten(t1.clone()), STAT_FWD_NEW),
-                step(f2.clone(), Expect::Rewritten(t2.clone()), STAT_FRAGMENT_TRANSLATED),
+                step(
+                    f2.clone(),
+                    Expect::Rewritten(t2.clone()),
+                    STAT_FRAGMENT_TRANSLATED,
+                ),
             ],
         },
         Case {
@@ -378,7 +437,9 @@ fn fragments() -> Vec<Case> {
             frontends: udp_svc(),
             steps: {
                 let q = ip((CLIENT, 40022), (VIP_A, 53), UDP).payload(b"q");
-                let ans = ip((a(B1), 5353), (CLIENT, 40022), UDP).id(0x6161).payload(&[0xef; 64]);
+                let ans = ip((a(B1), 5353), (CLIENT, 40022), UDP)
+                    .id(0x6161)
+                    .payload(&[0xef; 64]);
                 let (r1, r2) = ans.fragments(16);
                 let (o1, o2) = ans.clone().with_src(VIP_A, 53).fragments(16);
                 vec![
@@ -394,17 +455,21 @@ fn fragments() -> Vec<Case> {
             steps: vec![untouched(f2.clone(), STAT_PASS_FRAGMENT)],
         },
         Case {
-            name: "a later fragment arriving before its first passes untouched, the first is still translated",
+            name: "a later fragment before its first passes untouched, the first still translated",
             frontends: udp_svc(),
             steps: vec![
                 untouched(f2.clone(), STAT_PASS_FRAGMENT),
                 step(f1.clone(), Expect::Rewritten(t1.clone()), STAT_FWD_NEW),
                 // A copy arriving after the first fragment follows it.
-                step(f2.clone(), Expect::Rewritten(t2.clone()), STAT_FRAGMENT_TRANSLATED),
+                step(
+                    f2.clone(),
+                    Expect::Rewritten(t2.clone()),
+                    STAT_FRAGMENT_TRANSLATED,
+                ),
             ],
         },
         Case {
-            name: "a later fragment of another datagram (other IP id) does not follow a first fragment",
+            name: "a later fragment of another datagram (IP id) does not follow a first fragment",
             frontends: udp_svc(),
             steps: vec![
                 step(f1.clone(), Expect::Rewritten(t1.clone()), STAT_FWD_NEW),

@@ -23,11 +23,16 @@ const SEC: u64 = 1_000_000_000;
 
 /// The destination address of an output frame without IP options.
 fn dst_of(frame: &[u8]) -> [u8; 4] {
-    frame[30..34].try_into().expect("frame too short for an IPv4 header")
+    frame[30..34]
+        .try_into()
+        .expect("frame too short for an IPv4 header")
 }
 
 fn tcp3() -> Svc {
-    svc(fe(VIP, 80, Protocol::Tcp), vec![be(B1, 8080), be(B2, 8080), be(B3, 8080)])
+    svc(
+        fe(VIP, 80, Protocol::Tcp),
+        vec![be(B1, 8080), be(B2, 8080), be(B3, 8080)],
+    )
 }
 
 /// Runs `p` expecting it forwarded to some backend, counted as `stat`; returns the backend.
@@ -40,7 +45,7 @@ fn forwarded(h: &mut Harness, hook: Hook, p: &Ip, stat: u32, ctx: &str) -> [u8; 
 
 /// Sets `last_seen_ns` of every conntrack entry to `age_ns` before now.
 fn age_conntrack(h: &mut Harness, age_ns: u64) {
-    let then = monotonic_ns() - age_ns;
+    let then = monotonic_ns().wrapping_sub(age_ns);
     for (k, mut e) in h.ct_entries() {
         e.last_seen_ns = then;
         h.ct_put(&k, &e);
@@ -49,9 +54,12 @@ fn age_conntrack(h: &mut Harness, age_ns: u64) {
 
 /// Sets `last_seen_ns` of every affinity entry to `age_ns` before now.
 fn age_affinity(h: &mut Harness, age_ns: u64) {
-    let then = monotonic_ns() - age_ns;
+    let then = monotonic_ns().wrapping_sub(age_ns);
     let entries = h.affinity_entries();
-    assert!(!entries.is_empty(), "no affinity entry to age: the frontend has no affinity");
+    assert!(
+        !entries.is_empty(),
+        "no affinity entry to age: the frontend has no affinity"
+    );
     for (k, mut e) in entries {
         e.last_seen_ns = then;
         h.affinity_put(&k, &e);
@@ -79,14 +87,30 @@ fn established_flow_is_sticky(hook: Hook) {
     h.set(&[tcp3()]);
     let syn = ip((CLIENT, 42000), (VIP_A, 80), TCP);
     let chosen = forwarded(&mut h, hook, &syn, STAT_FWD_NEW, "first packet");
-    assert!([B1, B2, B3].contains(&chosen), "first packet went to {chosen:?}");
+    assert!(
+        [B1, B2, B3].contains(&chosen),
+        "first packet went to {chosen:?}"
+    );
     for i in 0..20 {
-        let got = forwarded(&mut h, hook, &syn.clone().flags(ACK), STAT_FWD_ESTABLISHED, "ack");
-        assert_eq!(got, chosen, "packet {i} of an established flow changed backend");
+        let got = forwarded(
+            &mut h,
+            hook,
+            &syn.clone().flags(ACK),
+            STAT_FWD_ESTABLISHED,
+            "ack",
+        );
+        assert_eq!(
+            got, chosen,
+            "packet {i} of an established flow changed backend"
+        );
     }
     assert_eq!(h.ct_len(), 2, "a flow has a forward and a reply entry");
 }
-both_hooks!(established_flow_is_sticky: established_flow_is_sticky_tc, established_flow_is_sticky_xdp);
+both_hooks!(
+    established_flow_is_sticky:
+    established_flow_is_sticky_tc,
+    established_flow_is_sticky_xdp
+);
 
 /// New flows spread over all backends.
 fn new_flows_spread_over_backends(hook: Hook) {
@@ -95,12 +119,21 @@ fn new_flows_spread_over_backends(hook: Hook) {
     let mut hits: HashMap<[u8; 4], u32> = HashMap::new();
     for port in 0..300u16 {
         let syn = ip((CLIENT, 20000 + port), (VIP_A, 80), TCP);
-        *hits.entry(forwarded(&mut h, hook, &syn, STAT_FWD_NEW, "new flow")).or_default() += 1;
+        *hits
+            .entry(forwarded(&mut h, hook, &syn, STAT_FWD_NEW, "new flow"))
+            .or_default() += 1;
     }
     assert_eq!(hits.len(), 3, "all backends chosen: {hits:?}");
-    assert!(hits.values().all(|n| *n >= 45), "each backend gets >= 15%: {hits:?}");
+    assert!(
+        hits.values().all(|n| *n >= 45),
+        "each backend gets >= 15%: {hits:?}"
+    );
 }
-both_hooks!(new_flows_spread_over_backends: new_flows_spread_over_backends_tc, new_flows_spread_over_backends_xdp);
+both_hooks!(
+    new_flows_spread_over_backends:
+    new_flows_spread_over_backends_tc,
+    new_flows_spread_over_backends_xdp
+);
 
 /// Adding backends changes where new flows go, never where live TCP and UDP flows go.
 fn flow_keeps_its_backend_when_backends_are_added(hook: Hook) {
@@ -111,20 +144,45 @@ fn flow_keeps_its_backend_when_backends_are_added(hook: Hook) {
     let syn = ip((CLIENT, 41000), (VIP_A, 80), TCP);
     let query = ip((CLIENT, 41001), (VIP_A, 53), UDP).payload(b"q");
     assert_eq!(forwarded(&mut h, hook, &syn, STAT_FWD_NEW, "tcp flow"), B1);
-    assert_eq!(forwarded(&mut h, hook, &query, STAT_FWD_NEW, "udp flow"), B1);
+    assert_eq!(
+        forwarded(&mut h, hook, &query, STAT_FWD_NEW, "udp flow"),
+        B1
+    );
 
     let all = |port| vec![be(B1, port), be(B2, port), be(B3, port)];
     h.apply(&[tcp(all(8080)), udp(all(5353))]);
     for i in 0..20 {
         let ack = syn.clone().flags(ACK);
-        let got = forwarded(&mut h, hook, &ack, STAT_FWD_ESTABLISHED, "tcp after the change");
-        assert_eq!(got, B1, "tcp packet {i} left its backend after backends were added");
-        let got = forwarded(&mut h, hook, &query, STAT_FWD_ESTABLISHED, "udp after the change");
-        assert_eq!(got, B1, "udp datagram {i} left its backend after backends were added");
+        let got = forwarded(
+            &mut h,
+            hook,
+            &ack,
+            STAT_FWD_ESTABLISHED,
+            "tcp after the change",
+        );
+        assert_eq!(
+            got, B1,
+            "tcp packet {i} left its backend after backends were added"
+        );
+        let got = forwarded(
+            &mut h,
+            hook,
+            &query,
+            STAT_FWD_ESTABLISHED,
+            "udp after the change",
+        );
+        assert_eq!(
+            got, B1,
+            "udp datagram {i} left its backend after backends were added"
+        );
     }
     let reply = ip((a(B1), 8080), (CLIENT, 41000), TCP).flags(ACK);
     let (_, out) = h.run_counted(hook, &reply.frame(), STAT_REPLY, "reply after the change");
-    assert_eq!(out[26..30], VIP, "the reply of a live flow must still come from the frontend");
+    assert_eq!(
+        out[26..30],
+        VIP,
+        "the reply of a live flow must still come from the frontend"
+    );
 
     let new: HashSet<[u8; 4]> = (0..60)
         .map(|i| {
@@ -132,7 +190,10 @@ fn flow_keeps_its_backend_when_backends_are_added(hook: Hook) {
             forwarded(&mut h, hook, &s, STAT_FWD_NEW, "new flow after the change")
         })
         .collect();
-    assert!(new.len() > 1, "new flows must reach the added backends too, went only to {new:?}");
+    assert!(
+        new.len() > 1,
+        "new flows must reach the added backends too, went only to {new:?}"
+    );
 }
 both_hooks!(
     flow_keeps_its_backend_when_backends_are_added:
@@ -146,7 +207,10 @@ fn flow_moves_when_its_backend_is_removed(hook: Hook) {
     let mut h = Harness::for_hook("removed", hook);
     let tcp = |b: Vec<Backend>| svc(fe(VIP, 80, Protocol::Tcp), b);
     let udp = |b: Vec<Backend>| svc(fe(VIP, 53, Protocol::Udp), b);
-    h.set(&[tcp(vec![be(B1, 8080), be(B2, 8080)]), udp(vec![be(B1, 5353), be(B2, 5353)])]);
+    h.set(&[
+        tcp(vec![be(B1, 8080), be(B2, 8080)]),
+        udp(vec![be(B1, 5353), be(B2, 5353)]),
+    ]);
 
     // One flow of each protocol on each backend.
     let mut flows: HashMap<(u8, [u8; 4]), Ip> = HashMap::new();
@@ -161,24 +225,72 @@ fn flow_moves_when_its_backend_is_removed(hook: Hook) {
             break;
         }
     }
-    assert_eq!(flows.len(), 4, "400 flows of each protocol never reached both backends");
+    assert_eq!(
+        flows.len(),
+        4,
+        "400 flows of each protocol never reached both backends"
+    );
 
     h.apply(&[tcp(vec![be(B2, 8080)]), udp(vec![be(B2, 5353)])]);
     for proto in [TCP, UDP] {
-        let stays = flows[&(proto, B2)].clone().flags(if proto == TCP { ACK } else { 0 });
-        let got = forwarded(&mut h, hook, &stays, STAT_FWD_ESTABLISHED, "flow on the kept backend");
-        assert_eq!(got, B2, "proto {proto}: a flow on the remaining backend moved");
+        let stays = flows[&(proto, B2)]
+            .clone()
+            .flags(if proto == TCP { ACK } else { 0 });
+        let got = forwarded(
+            &mut h,
+            hook,
+            &stays,
+            STAT_FWD_ESTABLISHED,
+            "flow on the kept backend",
+        );
+        assert_eq!(
+            got, B2,
+            "proto {proto}: a flow on the remaining backend moved"
+        );
 
-        let moved = flows[&(proto, B1)].clone().flags(if proto == TCP { ACK } else { 0 });
-        let got = forwarded(&mut h, hook, &moved, STAT_FWD_NEW, "flow of the removed backend");
-        assert_eq!(got, B2, "proto {proto}: a flow of the removed backend must move to B2");
-        let got = forwarded(&mut h, hook, &moved, STAT_FWD_ESTABLISHED, "moved flow, next packet");
-        assert_eq!(got, B2, "proto {proto}: the moved flow must stay on its new backend");
+        let moved = flows[&(proto, B1)]
+            .clone()
+            .flags(if proto == TCP { ACK } else { 0 });
+        let got = forwarded(
+            &mut h,
+            hook,
+            &moved,
+            STAT_FWD_NEW,
+            "flow of the removed backend",
+        );
+        assert_eq!(
+            got, B2,
+            "proto {proto}: a flow of the removed backend must move to B2"
+        );
+        let got = forwarded(
+            &mut h,
+            hook,
+            &moved,
+            STAT_FWD_ESTABLISHED,
+            "moved flow, next packet",
+        );
+        assert_eq!(
+            got, B2,
+            "proto {proto}: the moved flow must stay on its new backend"
+        );
 
         let port = if proto == TCP { 8080 } else { 5353 };
-        let reply = ip((a(B2), port), (CLIENT, moved.sport), proto).flags(if proto == TCP { ACK } else { 0 });
-        let (_, out) = h.run_counted(hook, &reply.frame(), STAT_REPLY, "reply from the new backend");
-        assert_eq!(out[26..30], VIP, "proto {proto}: the new backend's reply must come from the frontend");
+        let reply = ip((a(B2), port), (CLIENT, moved.sport), proto).flags(if proto == TCP {
+            ACK
+        } else {
+            0
+        });
+        let (_, out) = h.run_counted(
+            hook,
+            &reply.frame(),
+            STAT_REPLY,
+            "reply from the new backend",
+        );
+        assert_eq!(
+            out[26..30],
+            VIP,
+            "proto {proto}: the new backend's reply must come from the frontend"
+        );
     }
 }
 both_hooks!(
@@ -195,12 +307,34 @@ fn aged_udp_flow_is_reselected(hook: Hook) {
     let query = ip((CLIENT, 44000), (VIP_A, 53), UDP).payload(b"q");
     forwarded(&mut h, hook, &query, STAT_FWD_NEW, "first datagram");
     age_conntrack(&mut h, 59 * SEC);
-    forwarded(&mut h, hook, &query, STAT_FWD_ESTABLISHED, "datagram after 59 s idle");
+    forwarded(
+        &mut h,
+        hook,
+        &query,
+        STAT_FWD_ESTABLISHED,
+        "datagram after 59 s idle",
+    );
     age_conntrack(&mut h, 61 * SEC);
-    forwarded(&mut h, hook, &query, STAT_FWD_NEW, "datagram after 61 s idle");
-    forwarded(&mut h, hook, &query, STAT_FWD_ESTABLISHED, "datagram of the new flow");
+    forwarded(
+        &mut h,
+        hook,
+        &query,
+        STAT_FWD_NEW,
+        "datagram after 61 s idle",
+    );
+    forwarded(
+        &mut h,
+        hook,
+        &query,
+        STAT_FWD_ESTABLISHED,
+        "datagram of the new flow",
+    );
 }
-both_hooks!(aged_udp_flow_is_reselected: aged_udp_flow_is_reselected_tc, aged_udp_flow_is_reselected_xdp);
+both_hooks!(
+    aged_udp_flow_is_reselected:
+    aged_udp_flow_is_reselected_tc,
+    aged_udp_flow_is_reselected_xdp
+);
 
 /// TCP idle timeouts follow the flow's state: 60 s with only a SYN seen, 6 h established,
 /// 10 s once a FIN or RST was seen.
@@ -211,24 +345,66 @@ fn tcp_idle_timeout_follows_the_flow_state(hook: Hook) {
     let syn = ip((CLIENT, 45000), (VIP_A, 80), TCP);
     forwarded(&mut h, hook, &syn, STAT_FWD_NEW, "syn");
     age_conntrack(&mut h, 61 * SEC);
-    forwarded(&mut h, hook, &syn, STAT_FWD_NEW, "syn retransmitted after 61 s (SYN-only timeout)");
+    forwarded(
+        &mut h,
+        hook,
+        &syn,
+        STAT_FWD_NEW,
+        "syn retransmitted after 61 s (SYN-only timeout)",
+    );
 
     let est = ip((CLIENT, 45001), (VIP_A, 80), TCP);
     forwarded(&mut h, hook, &est, STAT_FWD_NEW, "syn");
-    forwarded(&mut h, hook, &est.clone().flags(ACK), STAT_FWD_ESTABLISHED, "ack");
+    forwarded(
+        &mut h,
+        hook,
+        &est.clone().flags(ACK),
+        STAT_FWD_ESTABLISHED,
+        "ack",
+    );
     age_conntrack(&mut h, 3600 * SEC);
     let ack = est.clone().flags(ACK);
-    forwarded(&mut h, hook, &ack, STAT_FWD_ESTABLISHED, "established flow after 1 h idle");
+    forwarded(
+        &mut h,
+        hook,
+        &ack,
+        STAT_FWD_ESTABLISHED,
+        "established flow after 1 h idle",
+    );
 
     let fin = ip((CLIENT, 45002), (VIP_A, 80), TCP);
     forwarded(&mut h, hook, &fin, STAT_FWD_NEW, "syn");
-    forwarded(&mut h, hook, &fin.clone().flags(ACK), STAT_FWD_ESTABLISHED, "ack");
-    forwarded(&mut h, hook, &fin.clone().flags(FIN | ACK), STAT_FWD_ESTABLISHED, "fin");
+    forwarded(
+        &mut h,
+        hook,
+        &fin.clone().flags(ACK),
+        STAT_FWD_ESTABLISHED,
+        "ack",
+    );
+    forwarded(
+        &mut h,
+        hook,
+        &fin.clone().flags(FIN | ACK),
+        STAT_FWD_ESTABLISHED,
+        "fin",
+    );
     age_conntrack(&mut h, 9 * SEC);
     let ack = fin.clone().flags(ACK);
-    forwarded(&mut h, hook, &ack, STAT_FWD_ESTABLISHED, "last ack 9 s after the fin");
+    forwarded(
+        &mut h,
+        hook,
+        &ack,
+        STAT_FWD_ESTABLISHED,
+        "last ack 9 s after the fin",
+    );
     age_conntrack(&mut h, 11 * SEC);
-    forwarded(&mut h, hook, &ack, STAT_FWD_NEW, "ack 11 s after the fin (closing timeout)");
+    forwarded(
+        &mut h,
+        hook,
+        &ack,
+        STAT_FWD_NEW,
+        "ack 11 s after the fin (closing timeout)",
+    );
 }
 both_hooks!(
     tcp_idle_timeout_follows_the_flow_state:
@@ -241,19 +417,41 @@ both_hooks!(
 fn affinity_keeps_a_client_on_its_backend(hook: Hook) {
     let mut h = Harness::for_hook("affinity", hook);
     h.set(&[tcp3().affinity(10_800)]);
-    let first = forwarded(&mut h, hook, &ip((CLIENT, 46000), (VIP_A, 80), TCP), STAT_FWD_NEW, "first flow");
+    let first = forwarded(
+        &mut h,
+        hook,
+        &ip((CLIENT, 46000), (VIP_A, 80), TCP),
+        STAT_FWD_NEW,
+        "first flow",
+    );
     for i in 1..40 {
         let s = ip((CLIENT, 46000 + i), (VIP_A, 80), TCP);
-        let got = forwarded(&mut h, hook, &s, STAT_FWD_NEW, "new flow of the same client");
-        assert_eq!(got, first, "flow {i} of the client left its affinity backend");
+        let got = forwarded(
+            &mut h,
+            hook,
+            &s,
+            STAT_FWD_NEW,
+            "new flow of the same client",
+        );
+        assert_eq!(
+            got, first,
+            "flow {i} of the client left its affinity backend"
+        );
     }
     let others: HashSet<[u8; 4]> = (0..40)
         .map(|i| {
-            let s = ip((Ipv4Addr::new(10, 244, 3, i as u8 + 1), 46000), (VIP_A, 80), TCP);
+            let s = ip(
+                (Ipv4Addr::new(10, 244, 3, i as u8 + 1), 46000),
+                (VIP_A, 80),
+                TCP,
+            );
             forwarded(&mut h, hook, &s, STAT_FWD_NEW, "flow of another client")
         })
         .collect();
-    assert!(others.len() > 1, "40 different clients all went to {others:?}: affinity is per client");
+    assert!(
+        others.len() > 1,
+        "40 different clients all went to {others:?}: affinity is per client"
+    );
 }
 both_hooks!(
     affinity_keeps_a_client_on_its_backend:
@@ -269,21 +467,38 @@ fn affinity_expires_after_its_timeout(hook: Hook) {
     let mut port = 47000;
     let mut new_flow = |h: &mut Harness, ctx: &str| {
         port += 1;
-        forwarded(h, hook, &ip((CLIENT, port), (VIP_A, 80), TCP), STAT_FWD_NEW, ctx)
+        forwarded(
+            h,
+            hook,
+            &ip((CLIENT, port), (VIP_A, 80), TCP),
+            STAT_FWD_NEW,
+            ctx,
+        )
     };
     let first = new_flow(&mut h, "first flow");
     age_affinity(&mut h, 9 * SEC);
-    assert_eq!(new_flow(&mut h, "flow 9 s later"), first, "affinity lost within its 10 s timeout");
+    assert_eq!(
+        new_flow(&mut h, "flow 9 s later"),
+        first,
+        "affinity lost within its 10 s timeout"
+    );
 
     let mut chosen = HashSet::new();
     for _ in 0..30 {
         age_affinity(&mut h, 11 * SEC);
         let b = new_flow(&mut h, "flow after the timeout");
         // Within the timeout again, the new choice binds.
-        assert_eq!(new_flow(&mut h, "flow right after"), b, "the re-chosen backend must bind");
+        assert_eq!(
+            new_flow(&mut h, "flow right after"),
+            b,
+            "the re-chosen backend must bind"
+        );
         chosen.insert(b);
     }
-    assert!(chosen.len() > 1, "after 30 expiries the client always got {chosen:?}: not re-balanced");
+    assert!(
+        chosen.len() > 1,
+        "after 30 expiries the client always got {chosen:?}: not re-balanced"
+    );
 }
 both_hooks!(
     affinity_expires_after_its_timeout:
@@ -296,11 +511,20 @@ const MAGLEV_FLOWS: u32 = 10_000;
 /// `MAGLEV_FLOWS` distinct synthetic UDP flows (client address and port vary).
 fn maglev_flow(i: u32) -> Ip {
     let client = Ipv4Addr::new(10, 245, (i / 250) as u8, (i % 250) as u8 + 1);
-    ip((client, 10_000 + (i * 7919 % 50_000) as u16), (VIP_A, 53), UDP).payload(b"q")
+    ip(
+        (client, 10_000 + (i * 7919 % 50_000) as u16),
+        (VIP_A, 53),
+        UDP,
+    )
+    .payload(b"q")
 }
 
 fn maglev_svc(backends: &[[u8; 4]]) -> Svc {
-    svc(fe(VIP, 53, Protocol::Udp), backends.iter().map(|b| be(*b, 5353)).collect()).maglev()
+    svc(
+        fe(VIP, 53, Protocol::Udp),
+        backends.iter().map(|b| be(*b, 5353)).collect(),
+    )
+    .maglev()
 }
 
 /// Sends every synthetic flow with no conntrack state and returns each one's backend.
@@ -312,17 +536,26 @@ fn maglev_pass(h: &mut Harness, hook: Hook, backends: &[[u8; 4]]) -> Vec<[u8; 4]
             let (verdict, out) = h.run(hook, &maglev_flow(i).frame());
             assert_eq!(verdict, Verdict::Pass, "maglev flow {i}: verdict");
             let b = dst_of(&out);
-            assert!(backends.contains(&b), "maglev flow {i} went to {b:?}, not a backend");
+            assert!(
+                backends.contains(&b),
+                "maglev flow {i} went to {b:?}, not a backend"
+            );
             b
         })
         .collect()
 }
 
 /// Maglev: the same flow gets the same backend without conntrack; adding an 11th backend to
-/// 10 moves at most 20% of flows; removing one moves all of its flows and few others (Maglev
-/// is not perfectly stable on removal: the measured share is printed, and must stay <= 3%).
+/// 10 moves at most 20% of flows; removing one moves all of its flows and few others. Maglev
+/// is not perfectly stable on removal (it trades that for equal shares): with the default
+/// table of 16381 entries about 0.5% of other flows move, with a 251-entry table about 6%, so
+/// this runs at the default size and allows 1%. Established flows never move: conntrack keeps
+/// them (see `flow_keeps_its_backend_when_backends_are_added`).
 fn maglev_moves_few_flows_when_backends_change(hook: Hook) {
-    let mut h = Harness::for_hook("maglev", hook);
+    let mut h = Harness::with_maglev_table(
+        &format!("maglev-{hook:?}").to_lowercase(),
+        proxy_common::service::DEFAULT_MAGLEV_TABLE_SIZE,
+    );
     let ten: Vec<[u8; 4]> = (1..=10).map(|i| [10, 244, 2, i]).collect();
     let before = maglev_pass(&mut h, hook, &ten);
 
@@ -330,14 +563,21 @@ fn maglev_moves_few_flows_when_backends_change(hook: Hook) {
     for b in &before {
         *per_backend.entry(*b).or_default() += 1;
     }
-    assert_eq!(per_backend.len(), 10, "every backend must own flows: {per_backend:?}");
+    assert_eq!(
+        per_backend.len(),
+        10,
+        "every backend must own flows: {per_backend:?}"
+    );
     assert!(
         per_backend.values().all(|n| *n >= MAGLEV_FLOWS / 20),
         "each of 10 backends must get >= 5% of flows: {per_backend:?}"
     );
     let again = maglev_pass(&mut h, hook, &ten);
     let differ = before.iter().zip(&again).filter(|(x, y)| x != y).count();
-    assert_eq!(differ, 0, "{differ} flows changed backend with the same backends (not consistent hashing)");
+    assert_eq!(
+        differ, 0,
+        "{differ} flows changed backend with the same backends (not consistent hashing)"
+    );
 
     let mut eleven = ten.clone();
     eleven.push([10, 244, 2, 11]);
@@ -368,9 +608,9 @@ fn maglev_moves_few_flows_when_backends_change(hook: Hook) {
          of {others} others ({share:.2}%)"
     );
     assert!(
-        others_moved * 100 <= others * 3,
+        others_moved * 100 <= others,
         "removing 1 of 10 backends moved {others_moved} of {others} flows of other backends \
-         ({share:.2}% > 3%)"
+         ({share:.2}% > 1%)"
     );
 }
 both_hooks!(
@@ -381,9 +621,15 @@ both_hooks!(
 
 #[test]
 fn synthetic_maglev_flows_are_distinct() {
-    let set: HashSet<(Ipv4Addr, u16)> = (0..MAGLEV_FLOWS).map(|i| {
-        let f = maglev_flow(i);
-        (f.src, f.sport)
-    }).collect();
-    assert_eq!(set.len(), MAGLEV_FLOWS as usize, "synthetic Maglev flows repeat a tuple");
+    let set: HashSet<(Ipv4Addr, u16)> = (0..MAGLEV_FLOWS)
+        .map(|i| {
+            let f = maglev_flow(i);
+            (f.src, f.sport)
+        })
+        .collect();
+    assert_eq!(
+        set.len(),
+        MAGLEV_FLOWS as usize,
+        "synthetic Maglev flows repeat a tuple"
+    );
 }

@@ -10,5 +10,6 @@ mod cases_icmp;
 mod cases_pass;
 mod cases_reject;
 mod cases_translate;
+mod flows;
 mod harness;
 mod packet;

@@ -51,6 +51,8 @@ pub struct Ip {
     /// Written only when the ACK flag is set (the field is zero otherwise).
     pub ack: u32,
     pub window: u16,
+    /// TCP options (padded to 4 bytes by the caller); the data offset follows their length.
+    pub tcp_options: Vec<u8>,
     /// ICMP type and code (`proto == ICMP`).
     pub icmp_type: u8,
     pub icmp_code: u8,
@@ -81,6 +83,7 @@ pub fn ip(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), proto: u8) -> Ip {
         seq: 1000,
         ack: 2000,
         window: 64240,
+        tcp_options: Vec::new(),
         icmp_type: 0,
         icmp_code: 0,
         icmp_rest: [0; 4],
@@ -98,7 +101,11 @@ pub fn ip(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), proto: u8) -> Ip {
 
 /// An ICMP message from `src` to `dst`; the body (a quote, echo data) is the payload.
 pub fn icmp(src: Ipv4Addr, dst: Ipv4Addr, icmp_type: u8, code: u8) -> Ip {
-    Ip { icmp_type, icmp_code: code, ..ip((src, 0), (dst, 0), ICMP) }
+    Ip {
+        icmp_type,
+        icmp_code: code,
+        ..ip((src, 0), (dst, 0), ICMP)
+    }
 }
 
 impl Ip {
@@ -119,6 +126,15 @@ impl Ip {
 
     pub fn window(mut self, window: u16) -> Self {
         self.window = window;
+        self
+    }
+
+    pub fn tcp_options(mut self, o: &[u8]) -> Self {
+        assert!(
+            o.len().is_multiple_of(4) && o.len() <= 40,
+            "TCP options must pad to 4 bytes"
+        );
+        self.tcp_options = o.to_vec();
         self
     }
 
@@ -184,7 +200,10 @@ impl Ip {
     /// which UDP must send as 0xffff (RFC 768).
     pub fn udp_csum_computes_to_zero(mut self) -> Self {
         assert_eq!(self.proto, UDP, "only UDP has the zero-checksum rule");
-        assert!(self.payload.len().is_multiple_of(2), "the tuning word must be 16-bit aligned");
+        assert!(
+            self.payload.len().is_multiple_of(2),
+            "the tuning word must be 16-bit aligned"
+        );
         self.payload.extend_from_slice(&[0, 0]);
         let mut l4 = self.l4();
         l4[6] = 0;
@@ -200,7 +219,10 @@ impl Ip {
 
     fn ihl(&self) -> usize {
         let ihl = 20 + self.options.len();
-        assert!(ihl.is_multiple_of(4) && ihl <= 60, "IP options must pad to 4 bytes");
+        assert!(
+            ihl.is_multiple_of(4) && ihl <= 60,
+            "IP options must pad to 4 bytes"
+        );
         ihl
     }
 
@@ -217,12 +239,17 @@ impl Ip {
         match self.proto {
             TCP => {
                 l4.extend_from_slice(&self.seq.to_be_bytes());
-                let ack = if self.tcp_flags & ACK != 0 { self.ack } else { 0 };
+                let ack = if self.tcp_flags & ACK != 0 {
+                    self.ack
+                } else {
+                    0
+                };
                 l4.extend_from_slice(&ack.to_be_bytes());
-                l4.push(5 << 4);
+                l4.push((((20 + self.tcp_options.len()) / 4) << 4) as u8);
                 l4.push(self.tcp_flags);
                 l4.extend_from_slice(&self.window.to_be_bytes());
                 l4.extend_from_slice(&[0, 0, 0, 0]); // csum, urg
+                l4.extend_from_slice(&self.tcp_options);
             }
             UDP => {
                 l4.extend_from_slice(&((8 + self.payload.len()) as u16).to_be_bytes());
@@ -235,10 +262,18 @@ impl Ip {
         }
         l4.extend_from_slice(&self.payload);
         let c = match self.proto {
-            TCP => Some((16, csum::l4_ipv4(self.src.octets(), self.dst.octets(), TCP, &l4))),
+            TCP => Some((
+                16,
+                csum::l4_ipv4(self.src.octets(), self.dst.octets(), TCP, &l4),
+            )),
             UDP if !self.udp_no_csum => Some((
                 6,
-                csum::udp_fixup(csum::l4_ipv4(self.src.octets(), self.dst.octets(), UDP, &l4)),
+                csum::udp_fixup(csum::l4_ipv4(
+                    self.src.octets(),
+                    self.dst.octets(),
+                    UDP,
+                    &l4,
+                )),
             )),
             ICMP => Some((2, !csum::fold(csum::sum_be(&l4, 0)))),
             _ => None,
@@ -268,7 +303,11 @@ impl Ip {
     }
 
     fn eth(&self) -> Vec<u8> {
-        let (dst, src) = if self.reply_macs { (CLIENT_MAC, NODE_MAC) } else { (NODE_MAC, CLIENT_MAC) };
+        let (dst, src) = if self.reply_macs {
+            (CLIENT_MAC, NODE_MAC)
+        } else {
+            (NODE_MAC, CLIENT_MAC)
+        };
         let mut f = Vec::new();
         f.extend_from_slice(&dst);
         f.extend_from_slice(&src);
@@ -302,9 +341,15 @@ impl Ip {
     /// the L4 header and payload (MF set, offset 0), the second the rest. The L4 checksum
     /// covers the whole datagram, as the sender computed it before fragmenting.
     pub fn fragments(&self, first_len: usize) -> (Vec<u8>, Vec<u8>) {
-        assert!(first_len.is_multiple_of(8), "fragment offsets count 8-byte units");
+        assert!(
+            first_len.is_multiple_of(8),
+            "fragment offsets count 8-byte units"
+        );
         let l4 = self.l4();
-        assert!(first_len < l4.len(), "the datagram must be longer than its first fragment");
+        assert!(
+            first_len < l4.len(),
+            "the datagram must be longer than its first fragment"
+        );
         let mut first = self.eth();
         first.extend_from_slice(&self.header(first_len, MF));
         first.extend_from_slice(&l4[..first_len]);
@@ -454,15 +499,22 @@ pub fn checksums_valid(frame: &[u8]) -> Result<(), String> {
     let ihl = (ip[0] & 0x0f) as usize * 4;
     let tot = u16::from_be_bytes([ip[2], ip[3]]) as usize;
     if ihl < 20 || tot < ihl || tot > ip.len() {
-        return Err(format!("inconsistent IPv4 header: IHL {ihl}, total length {tot}"));
+        return Err(format!(
+            "inconsistent IPv4 header: IHL {ihl}, total length {tot}"
+        ));
     }
     let want = header_csum(&ip[..ihl]);
     let got = u16::from_be_bytes([ip[10], ip[11]]);
     if !same_csum(got, want) {
-        return Err(format!("IPv4 header checksum {got:#06x}, recomputed {want:#06x}"));
+        return Err(format!(
+            "IPv4 header checksum {got:#06x}, recomputed {want:#06x}"
+        ));
     }
-    let (proto, src, dst) =
-        (ip[9], [ip[12], ip[13], ip[14], ip[15]], [ip[16], ip[17], ip[18], ip[19]]);
+    let (proto, src, dst) = (
+        ip[9],
+        [ip[12], ip[13], ip[14], ip[15]],
+        [ip[16], ip[17], ip[18], ip[19]],
+    );
     let frags = u16::from_be_bytes([ip[6], ip[7]]);
     if frags & 0x1fff != 0 || frags & MF != 0 {
         return Ok(());
@@ -475,7 +527,10 @@ pub fn checksums_valid(frame: &[u8]) -> Result<(), String> {
         _ => return Ok(()),
     };
     if l4.len() < off + 2 {
-        return Err(format!("L4 header of protocol {proto} truncated to {} bytes", l4.len()));
+        return Err(format!(
+            "L4 header of protocol {proto} truncated to {} bytes",
+            l4.len()
+        ));
     }
     let got = u16::from_be_bytes([l4[off], l4[off + 1]]);
     l4[off] = 0;
@@ -533,7 +588,8 @@ fn same_csum(a: u16, b: u16) -> bool {
 /// representation of zero (an incremental update may legally produce it); every checksum of
 /// the output is also recomputed, and so are the expected frame's, to catch fixture mistakes.
 pub fn same_frame(got: &[u8], want: &[u8]) -> Result<(), String> {
-    checksums_valid_if_ipv4(want).map_err(|e| format!("the expected frame itself is wrong: {e}"))?;
+    checksums_valid_if_ipv4(want)
+        .map_err(|e| format!("the expected frame itself is wrong: {e}"))?;
     if got.len() != want.len() {
         return Err(format!(
             "length {} != expected {}\n  got:  {}\n  want: {}",
@@ -581,4 +637,116 @@ pub fn hex(frame: &[u8]) -> String {
         .map(|c| c.iter().map(|b| format!("{b:02x}")).collect::<String>())
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// The checker itself: a fixture suite whose comparison accepted wrong frames would pass
+/// vacuously.
+mod checker {
+    use super::*;
+
+    const A: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 10);
+    const B: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+    const C: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 11);
+
+    #[test]
+    fn same_frame_accepts_an_identical_frame() {
+        let f = ip((A, 40000), (B, 80), TCP).payload(b"data").frame();
+        same_frame(&f, &f).unwrap();
+    }
+
+    #[test]
+    fn same_frame_reports_a_changed_payload_byte() {
+        let want = ip((A, 40000), (B, 80), TCP).payload(b"data").frame();
+        let mut got = want.clone();
+        *got.last_mut().unwrap() ^= 1;
+        assert!(
+            same_frame(&got, &want).is_err(),
+            "a changed payload byte went unnoticed"
+        );
+    }
+
+    #[test]
+    fn same_frame_reports_an_address_rewritten_without_its_l4_checksum() {
+        let before = ip((A, 40000), (B, 80), TCP).frame();
+        let want = ip((A, 40000), (C, 80), TCP).frame();
+        let mut got = before.clone();
+        got[30..34].copy_from_slice(&C.octets());
+        got[24..26].copy_from_slice(&want[24..26]); // IP checksum fixed, TCP checksum stale
+        let err = same_frame(&got, &want).expect_err("a stale TCP checksum went unnoticed");
+        assert!(err.contains("L4 checksum"), "{err}");
+    }
+
+    #[test]
+    fn udp_checksum_0_is_not_the_same_as_0xffff() {
+        let want = ip((A, 40000), (B, 53), UDP)
+            .payload(b"zero")
+            .udp_csum_computes_to_zero()
+            .frame();
+        assert_eq!(want[40..42], [0xff, 0xff]);
+        let mut got = want.clone();
+        got[40..42].copy_from_slice(&[0, 0]);
+        assert!(
+            same_frame(&got, &want).is_err(),
+            "UDP checksum 0 (none) accepted for 0xffff"
+        );
+    }
+
+    #[test]
+    fn checksums_valid_checks_the_quoted_header_of_an_icmp_error() {
+        let quoted = ip((A, 40000), (B, 53), UDP).payload(b"q");
+        let mut quote = quoted.quote(8);
+        quote[8] = 1; // TTL changed, the quoted header checksum left stale
+        let f = icmp(C, A, ICMP_DEST_UNREACH, CODE_PORT_UNREACH)
+            .payload(&quote)
+            .frame();
+        let err = checksums_valid(&f).expect_err("a stale quoted header checksum went unnoticed");
+        assert!(err.contains("quoted IPv4 header"), "{err}");
+    }
+
+    #[test]
+    fn checksums_valid_checks_the_icmp_checksum() {
+        let mut f = icmp(C, A, ICMP_ECHO_REPLY, 0).payload(b"ping").frame();
+        *f.last_mut().unwrap() ^= 1;
+        let err = checksums_valid(&f).expect_err("a bad ICMP checksum went unnoticed");
+        assert!(err.contains("ICMP checksum"), "{err}");
+    }
+
+    #[test]
+    fn fragments_carry_the_datagram_in_8_byte_units_with_one_l4_checksum() {
+        let d = ip((A, 40000), (B, 53), UDP).id(0x4242).payload(&[7; 40]);
+        let (first, later) = d.fragments(24);
+        assert_eq!(
+            u16::from_be_bytes([first[20], first[21]]),
+            MF,
+            "first: MF, offset 0"
+        );
+        assert_eq!(
+            u16::from_be_bytes([later[20], later[21]]),
+            3,
+            "later: offset 24 / 8"
+        );
+        assert_eq!(
+            [first[18], first[19]],
+            [0x42, 0x42],
+            "fragments share the IP id"
+        );
+        let mut joined = first[34..].to_vec();
+        joined.extend_from_slice(&later[34..]);
+        assert_eq!(
+            joined,
+            d.l4(),
+            "the fragments hold the whole datagram, in order"
+        );
+        checksums_valid(&first).unwrap();
+        checksums_valid(&later).unwrap();
+    }
+
+    #[test]
+    fn fix_csums_makes_an_edited_header_consistent_again() {
+        let mut f = ip((A, 40000), (B, 80), TCP).frame();
+        f[22] = 3; // TTL
+        f[46] = 6 << 4; // data offset
+        fix_csums(&mut f);
+        checksums_valid(&f).unwrap();
+    }
 }
