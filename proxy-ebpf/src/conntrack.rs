@@ -22,23 +22,12 @@ pub fn now_ns() -> u64 {
 
 #[inline(always)]
 pub fn forward_key(flow: &Flow4) -> CtKey4 {
-    CtKey4 {
-        saddr_be: flow.saddr,
-        daddr_be: flow.daddr,
-        sport_be: flow.sport,
-        dport_be: flow.dport,
-        proto: flow.proto,
-        dir: CT_DIR_FORWARD,
-        _pad: [0; 2],
-    }
+    forward_key_of(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto)
 }
 
 #[inline(always)]
 pub fn reply_key(flow: &Flow4) -> CtKey4 {
-    CtKey4 {
-        dir: CT_DIR_REPLY,
-        ..forward_key(flow)
-    }
+    reply_key_of(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto)
 }
 
 /// The forward key of a packet from `saddr:sport` to `daddr:dport`.
@@ -59,13 +48,8 @@ pub fn forward_key_of(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8)
 #[inline(always)]
 pub fn reply_key_of(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> CtKey4 {
     CtKey4 {
-        saddr_be: saddr,
-        daddr_be: daddr,
-        sport_be: sport,
-        dport_be: dport,
-        proto,
         dir: CT_DIR_REPLY,
-        _pad: [0; 2],
+        ..forward_key_of(saddr, daddr, sport, dport, proto)
     }
 }
 

@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, anyhow, bail, ensure};
+use anyhow::{Context as _, Result, anyhow, ensure};
 use svcproxy_tests::{PodOptions, Sandbox, sandbox::DEFAULT_ECHO_PORT};
 
 use self::{
@@ -541,34 +541,13 @@ fn svcproxy_binary() -> Result<PathBuf> {
         "read the compiler output above (eBPF build errors come from proxy-userspace's build \
          script; `cargo xtask setup` installs its toolchain)",
     )?;
-    let bin = target_dir(&root)?.join("debug").join("svcproxy");
+    let bin = util::target_dir(&root)?.join("debug").join("svcproxy");
     ensure!(
         bin.is_file(),
         "the build succeeded but {} does not exist",
         bin.display()
     );
     Ok(bin)
-}
-
-/// Cargo's target directory, honouring `CARGO_TARGET_DIR` and cargo config.
-fn target_dir(root: &Path) -> Result<PathBuf> {
-    let out = util::cargo()
-        .current_dir(root)
-        .args(["metadata", "--format-version", "1", "--no-deps"])
-        .output()
-        .context("could not run `cargo metadata` to find the target directory")?;
-    if !out.status.success() {
-        bail!(
-            "`cargo metadata` failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let meta: serde_json::Value =
-        serde_json::from_slice(&out.stdout).context("`cargo metadata` printed invalid JSON")?;
-    let dir = meta["target_directory"]
-        .as_str()
-        .context("`cargo metadata` output has no target_directory")?;
-    Ok(PathBuf::from(dir))
 }
 
 /// `path` relative to the workspace when it is inside it (shorter, and the same everywhere).

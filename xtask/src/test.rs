@@ -105,26 +105,9 @@ fn run_phases(phases: &mut Phases, args: &TestArgs) -> Result<()> {
     Ok(())
 }
 
-/// `<target dir>/debug/svcproxy`, honouring `CARGO_TARGET_DIR` and cargo config via
-/// `cargo metadata`.
+/// `<target dir>/debug/svcproxy`.
 fn svcproxy_bin(root: &Path) -> Result<PathBuf> {
-    let out = cargo()
-        .current_dir(root)
-        .args(["metadata", "--format-version", "1", "--no-deps"])
-        .output()
-        .context("could not run `cargo metadata` to find the target directory")?;
-    if !out.status.success() {
-        bail!(
-            "`cargo metadata` failed: {}; fix the workspace manifests",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let meta: serde_json::Value =
-        serde_json::from_slice(&out.stdout).context("`cargo metadata` printed invalid JSON")?;
-    let target = meta["target_directory"]
-        .as_str()
-        .context("`cargo metadata` output has no target_directory")?;
-    Ok(PathBuf::from(target).join("debug").join("svcproxy"))
+    Ok(util::target_dir(root)?.join("debug").join("svcproxy"))
 }
 
 /// Test-binary parallelism: `RUST_TEST_THREADS` (libtest's own variable) or the default.

@@ -94,3 +94,25 @@ pub fn probe(cmd: &mut Command) -> Result<Option<Output>> {
         Err(e) => Err(e).with_context(|| format!("could not run `{}`", display(cmd))),
     }
 }
+
+/// Cargo's target directory, honouring `CARGO_TARGET_DIR` and cargo config (via
+/// `cargo metadata`, which knows both).
+pub fn target_dir(root: &Path) -> Result<PathBuf> {
+    let out = cargo()
+        .current_dir(root)
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .output()
+        .context("could not run `cargo metadata` to find the target directory")?;
+    if !out.status.success() {
+        bail!(
+            "`cargo metadata` failed: {}; fix the workspace manifests",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let meta: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("`cargo metadata` printed invalid JSON")?;
+    let dir = meta["target_directory"]
+        .as_str()
+        .context("`cargo metadata` output has no target_directory")?;
+    Ok(PathBuf::from(dir))
+}
