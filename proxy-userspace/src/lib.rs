@@ -1,15 +1,19 @@
 //! svcproxy: a Kubernetes Service load balancer on an eBPF datapath.
 //!
-//! Data flows one way: sources (manifest directory) -> [`planner`] (pure: objects -> [`desired`]
-//! state) -> [`writer`] (the only code that changes the maps, through [`kernel_maps`]) -> kernel.
+//! Data flows one way: [`source`] (API server or manifest directory) -> [`planner`] (pure:
+//! objects -> [`desired`] state) -> [`writer`] (the only code that changes the maps, through
+//! [`kernel_maps`]) -> kernel.
 //! [`loader`] loads, pins and attaches the programs; [`run`] ties it together.
 
 pub mod desired;
+pub mod health;
 pub mod iface;
 pub mod kernel_maps;
 pub mod loader;
 pub mod maglev;
 pub mod manifest;
+pub mod metrics;
 pub mod planner;
 pub mod run;
+pub mod source;
 pub mod writer;

@@ -1,11 +1,12 @@
 //! The `svcproxy` command line.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 use svcproxy::{
+    health::{DEFAULT_HEALTH_ADDR, DEFAULT_METRICS_ADDR},
     loader::{Hook, MapSizes},
-    run::{RunOptions, run},
+    run::{RunOptions, SourceKind, SourceOptions, run},
 };
 use tracing_subscriber::EnvFilter;
 
@@ -28,9 +29,27 @@ enum Command {
 
 #[derive(clap::Args)]
 struct RunArgs {
+    /// Where Services and EndpointSlices come from; by default the source whose option
+    /// (--manifests or --kubeconfig) is given.
+    #[arg(long, value_enum)]
+    source: Option<SourceKind>,
     /// Directory of Kubernetes manifests (Services, EndpointSlices), re-read on change.
     #[arg(long)]
-    manifests: PathBuf,
+    manifests: Option<PathBuf>,
+    /// kubeconfig of the API server to follow. With `--source kube` and no kubeconfig:
+    /// `KUBECONFIG`, else the in-cluster service account.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// How long a change waits for more before the maps are updated, in milliseconds:
+    /// a burst (a rollout) becomes one update.
+    #[arg(long, default_value_t = 5)]
+    coalesce_ms: u64,
+    /// Address of the `/metrics` endpoint.
+    #[arg(long, default_value_t = DEFAULT_METRICS_ADDR)]
+    metrics_bind_address: SocketAddr,
+    /// Address of the `/healthz` and `/livez` endpoints.
+    #[arg(long, default_value_t = DEFAULT_HEALTH_ADDR)]
+    healthz_bind_address: SocketAddr,
     /// Interfaces to attach to: comma-separated globs, e.g. `veth*,eth0`.
     #[arg(long, value_delimiter = ',', required = true)]
     interfaces: Vec<String>,
@@ -40,7 +59,8 @@ struct RunArgs {
     /// bpffs directory the maps are pinned in (and adopted from on restart).
     #[arg(long, default_value = "/sys/fs/bpf/svcproxy")]
     pin_path: PathBuf,
-    /// This node's name (for node-local traffic policies).
+    /// This node's name (for node-local traffic policies, its zone and its health); default:
+    /// the hostname.
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
     /// Maximum number of frontends (Service address x port x protocol).
@@ -69,7 +89,10 @@ struct RunArgs {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_env("SVCPROXY_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+            // kube's HTTP layer logs every failed request as an error; the watch loop logs the
+            // same failures itself, rate-limited, so an outage does not flood the log.
+            EnvFilter::try_from_env("SVCPROXY_LOG")
+                .unwrap_or_else(|_| EnvFilter::new("info,kube_client::client::builder=off")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -77,8 +100,16 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => {
             let node_name = args.node_name.unwrap_or_else(hostname);
+            let source = match SourceOptions::resolve(args.source, args.manifests, args.kubeconfig)
+            {
+                Ok(source) => source,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let opts = RunOptions {
-                manifests: args.manifests,
+                source,
                 interfaces: args.interfaces,
                 hook: args.hook,
                 pin_path: args.pin_path,
@@ -92,13 +123,16 @@ fn main() -> ExitCode {
                     maglev_entries: args.max_maglev_entries,
                     maglev_table_size: args.maglev_table_size,
                 },
+                coalesce: Duration::from_millis(args.coalesce_ms),
+                metrics_addr: args.metrics_bind_address,
+                health_addr: args.healthz_bind_address,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()
                 .map_err(anyhow::Error::from)
-                .and_then(|rt| rt.block_on(run(opts)))
+                .and_then(|rt| rt.block_on(run(opts)).map_err(anyhow::Error::from))
         }
     };
     match result {

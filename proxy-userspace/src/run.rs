@@ -1,45 +1,210 @@
-//! `svcproxy run`: load and attach the datapath, then keep its maps equal to what the manifest
-//! directory describes until asked to stop.
+//! `svcproxy run`: load and attach the datapath, then keep its maps equal to what the source
+//! (the API server or a manifest directory) describes, until asked to stop.
+//!
+//! Flow: start the source -> load/adopt the datapath -> wait until the source is ready (every
+//! initial list complete) -> loop { wait for a change, let the burst settle for the coalescing
+//! window, snapshot, plan, apply }. Before the first complete list nothing is written, so after
+//! a restart the adopted pinned maps keep serving exactly what they served; when the source
+//! loses the API server nothing is notified and nothing is written either. SIGINT/SIGTERM
+//! fire the one shutdown signal every task watches; the programs are detached and the maps stay
+//! pinned for the next start.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    collections::HashSet,
+    io,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
 
-use anyhow::{Context as _, bail};
+use thiserror::Error;
 use tokio::{
     io::{Interest, unix::AsyncFd},
+    net::TcpListener,
     signal::unix::{SignalKind, signal},
 };
+use tokio_util::sync::CancellationToken;
 
 use crate::{
+    health::{self, HealthState},
     iface,
-    kernel_maps::KernelMaps,
-    loader::{Datapath, Hook, MapSizes},
-    manifest::{self, DirFingerprint},
-    planner::{self, NodeInfo, PlanInput, PlanOptions},
-    writer::{MapWriter, WriterConfig},
+    kernel_maps::{KernelMaps, OpenError},
+    loader::{Datapath, Hook, LoadError, MapSizes},
+    metrics::Metrics,
+    planner::{self, PlanInput, PlanOptions},
+    source::{
+        self, Store,
+        kube::{KubeOptions, KubeSourceError},
+    },
+    writer::{MapOps, MapWriter, WriteError, WriterConfig},
 };
 
-/// How often the manifest directory is checked for changes.
-const POLL: Duration = Duration::from_millis(200);
+/// After a write failed (a full map), how soon it is tried again without a new change.
+const RETRY_FAILED_WRITE: Duration = Duration::from_secs(1);
+/// While the source is not ready, how often to say we are still waiting.
+const READY_NAG: Duration = Duration::from_secs(10);
+
+/// Which source `svcproxy run` follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SourceKind {
+    /// A directory of manifest files, polled for changes.
+    Manifests,
+    /// The API server: a kubeconfig, else `KUBECONFIG`, else the in-cluster service account.
+    Kube,
+}
+
+/// The chosen source and its settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceOptions {
+    Manifests(PathBuf),
+    Kube { kubeconfig: Option<PathBuf> },
+}
+
+impl SourceOptions {
+    /// The source from the command line: `--source` if given, else the one whose option is
+    /// present. Refuses a missing or ambiguous choice rather than guessing.
+    pub fn resolve(
+        kind: Option<SourceKind>,
+        manifests: Option<PathBuf>,
+        kubeconfig: Option<PathBuf>,
+    ) -> Result<Self, RunError> {
+        match (kind, manifests, kubeconfig) {
+            (Some(SourceKind::Manifests) | None, Some(dir), None) => Ok(Self::Manifests(dir)),
+            (Some(SourceKind::Kube) | None, None, kubeconfig @ Some(_))
+            | (Some(SourceKind::Kube), None, kubeconfig @ None) => Ok(Self::Kube { kubeconfig }),
+            (None, None, None) => Err(RunError::NoSource),
+            (Some(SourceKind::Manifests), None, _) => Err(RunError::SourceOption {
+                problem: "--source manifests needs --manifests DIR",
+            }),
+            (Some(SourceKind::Manifests), Some(_), Some(_)) => Err(RunError::SourceOption {
+                problem: "--kubeconfig is only read with --source kube",
+            }),
+            (Some(SourceKind::Kube), Some(_), _) => Err(RunError::SourceOption {
+                problem: "--manifests is only read with --source manifests",
+            }),
+            (None, Some(_), Some(_)) => Err(RunError::SourceOption {
+                problem: "both --manifests and --kubeconfig are given; pick one with --source",
+            }),
+        }
+    }
+}
 
 pub struct RunOptions {
-    pub manifests: PathBuf,
+    pub source: SourceOptions,
     pub interfaces: Vec<String>,
     pub hook: Hook,
     pub pin_path: PathBuf,
     pub node_name: String,
     pub sizes: MapSizes,
+    /// How long a change waits for more before it is planned: a rollout touches many
+    /// EndpointSlices within milliseconds, and one plan for all of them is cheaper than one each.
+    pub coalesce: Duration,
+    /// Where `/metrics` is served (kube-proxy's `--metrics-bind-address`).
+    pub metrics_addr: SocketAddr,
+    /// Where `/healthz` and `/livez` are served (kube-proxy's `--healthz-bind-address`).
+    pub health_addr: SocketAddr,
 }
 
-pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
+/// Why `svcproxy run` could not start (or stopped). Once the loop runs, nothing in it is fatal:
+/// source errors are retried and failed writes are retried. Each message already holds its
+/// cause's, so no variant also reports it as a `source` (that would print it twice).
+#[derive(Debug, Error)]
+pub enum RunError {
+    #[error(
+        "no source of Services: pass --manifests DIR, or --kubeconfig PATH, or --source kube to \
+         use KUBECONFIG or the in-cluster service account"
+    )]
+    NoSource,
+    #[error("{problem}")]
+    SourceOption { problem: &'static str },
+    #[error("bad interface glob {glob:?}: {error}")]
+    BadGlob {
+        glob: String,
+        error: glob::PatternError,
+    },
+    #[error("no interface matches {0:?}; check --interfaces")]
+    NoInterface(Vec<String>),
+    #[error("cannot list interfaces: {0}")]
+    ListInterfaces(io::Error),
+    #[error("cannot install the SIGINT/SIGTERM handlers: {0}")]
+    Signals(io::Error),
+    #[error("cannot listen for {what} on {addr}: {error}; pick another address or port")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        error: io::Error,
+    },
+    #[error(transparent)]
+    Kube(#[from] KubeSourceError),
+    /// Boxed: the loader's errors are large, and this enum travels through every `?`.
+    #[error(transparent)]
+    Load(Box<LoadError>),
+    #[error("cannot open the datapath's maps: {0}")]
+    OpenMaps(OpenError),
+    #[error("cannot adopt the pinned maps: {0}")]
+    Adopt(WriteError),
+}
+
+impl From<LoadError> for RunError {
+    fn from(e: LoadError) -> Self {
+        Self::Load(Box::new(e))
+    }
+}
+
+pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     let patterns = opts
         .interfaces
         .iter()
-        .map(|g| glob::Pattern::new(g).with_context(|| format!("bad interface glob {g:?}")))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+        .map(|g| {
+            glob::Pattern::new(g).map_err(|error| RunError::BadGlob {
+                glob: g.clone(),
+                error,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    // The one shutdown signal of every task. Cancelled on return too (errors included), so
+    // no task outlives the run.
+    let shutdown = CancellationToken::new();
+    let _cancel_on_return = shutdown.clone().drop_guard();
+    let signals = watch_signals(shutdown.clone())?;
+    let metrics = Arc::new(Metrics::new());
+    let health = HealthState::default();
+    // Until the first sync everything is pending: if the first list never completes,
+    // `/healthz` fails after the health timeout, as kube-proxy's does.
+    health.queued(SystemTime::now());
+    let bind = |what, addr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|error| RunError::Bind { what, addr, error })
+    };
+    let metrics_listener = bind("metrics", opts.metrics_addr).await?;
+    let health_listener = bind("health checks", opts.health_addr).await?;
+    let http = tokio::spawn(health::serve_listeners(
+        metrics_listener,
+        health_listener,
+        metrics.clone(),
+        health.clone(),
+        shutdown.clone().cancelled_owned(),
+    ));
+
+    // The source starts before the datapath loads: a bad kubeconfig fails before anything is
+    // attached, and the initial list runs while the programs load.
+    let store = match &opts.source {
+        SourceOptions::Manifests(dir) => source::manifests::start(dir.clone(), shutdown.clone()),
+        SourceOptions::Kube { kubeconfig } => {
+            let kube = KubeOptions {
+                kubeconfig: kubeconfig.clone(),
+                node_name: opts.node_name.clone(),
+            };
+            source::kube::start(&kube, shutdown.clone()).await?
+        }
+    };
+
     let mut dp = Datapath::load(&opts.pin_path, &opts.sizes)?;
-    let ifaces = iface::matching(&patterns).context("listing interfaces")?;
+    let ifaces = iface::matching(&patterns).map_err(RunError::ListInterfaces)?;
     if ifaces.is_empty() {
-        bail!("no interface matches {:?}", opts.interfaces);
+        return Err(RunError::NoInterface(opts.interfaces.clone()));
     }
     for name in &ifaces {
         if let Err(e) = dp.attach(name, opts.hook) {
@@ -50,12 +215,39 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let logs = dp
         .take_logger()
         .map(|logger| tokio::spawn(drain_logs(logger)));
-    let result = sync_loop(&mut dp, &opts).await;
+    let mut syncer = Syncer {
+        node_name: opts.node_name.clone(),
+        plan_options: PlanOptions::default(),
+        reported: HashSet::new(),
+        metrics,
+        health,
+    };
+    let result = sync_loop(&mut dp, &opts, store, &mut syncer, &shutdown).await;
+    shutdown.cancel();
     dp.detach_all();
     if let Some(task) = logs {
         task.abort();
     }
+    signals.abort();
+    // In-flight health and metrics requests get their grace period.
+    let _ = http.await;
     result
+}
+
+/// Fires `shutdown` on SIGINT or SIGTERM. The handlers are installed before this returns, so
+/// a signal that arrives while the datapath loads is not lost.
+fn watch_signals(shutdown: CancellationToken) -> Result<tokio::task::JoinHandle<()>, RunError> {
+    let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signals)?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
+    Ok(tokio::spawn(async move {
+        let name = tokio::select! {
+            _ = sigint.recv() => "SIGINT",
+            _ = sigterm.recv() => "SIGTERM",
+            _ = shutdown.cancelled() => return,
+        };
+        tracing::info!("{name}: stopping");
+        shutdown.cancel();
+    }))
 }
 
 /// Forwards the datapath's (rare) log records to our log as they arrive.
@@ -83,80 +275,168 @@ async fn drain_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
     }
 }
 
-async fn sync_loop(dp: &mut Datapath, opts: &RunOptions) -> anyhow::Result<()> {
+async fn sync_loop(
+    dp: &mut Datapath,
+    opts: &RunOptions,
+    mut store: Store,
+    syncer: &mut Syncer,
+    shutdown: &CancellationToken,
+) -> Result<(), RunError> {
     let config = WriterConfig {
         max_frontends: opts.sizes.frontends,
         maglev_table_size: opts.sizes.maglev_table_size,
     };
-    let mut writer =
-        MapWriter::adopt(KernelMaps::take(dp)?, config).context("adopting pinned maps")?;
+    let maps = KernelMaps::take(dp).map_err(RunError::OpenMaps)?;
+    let mut writer = MapWriter::adopt(maps, config).map_err(RunError::Adopt)?;
     tracing::info!(frontends = writer.frontend_count(), pin_path = %opts.pin_path.display(),
         "datapath ready");
-    let node = NodeInfo {
-        name: opts.node_name.clone(),
-        zone: None,
-    };
-    let plan_opts = PlanOptions::default();
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut tick = tokio::time::interval(POLL);
-    let mut seen: Option<DirFingerprint> = None;
-    let mut failed = false;
-    loop {
-        tokio::select! {
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
-            _ = tick.tick() => {}
-        }
-        let fp = match DirFingerprint::of(&opts.manifests) {
-            Ok(fp) => fp,
-            Err(e) => {
-                tracing::warn!("{e}");
-                continue;
-            }
-        };
-        // Re-read on change, and keep retrying while a previous write failed (full map).
-        if seen.as_ref() == Some(&fp) && !failed {
-            continue;
-        }
-        seen = Some(fp);
-        let set = match manifest::load_dir(&opts.manifests) {
-            Ok(set) => set,
-            Err(e) => {
-                tracing::warn!("{e}");
-                continue;
-            }
-        };
-        // The errors name their file; a bad file is skipped whole, the rest applies.
-        for err in &set.errors {
-            tracing::warn!("skipped file: {err}");
-        }
-        for warning in &set.warnings {
-            tracing::warn!("{warning}");
-        }
-        let desired = planner::plan(&PlanInput {
-            services: &set.services,
-            slices: &set.slices,
-            node: &node,
-            options: &plan_opts,
-        });
-        for r in &desired.rejections {
-            tracing::warn!("refused {}: {}", r.object, r.reason);
-        }
-        let stats = writer.apply(&desired);
-        failed = stats.failed > 0;
-        if stats.frontends_written + stats.frontends_removed + stats.failed == 0 {
-            tracing::debug!(frontends = desired.frontends.len(), "no change");
-            continue;
-        }
+
+    if !store.is_ready() {
         tracing::info!(
-            frontends = desired.frontends.len(),
-            written = stats.frontends_written,
-            removed = stats.frontends_removed,
-            failed = stats.failed,
-            "synced"
+            "waiting for the source's first complete list; the maps keep serving what they hold"
         );
     }
+    let waited = Instant::now();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return stop(store).await,
+            _ = store.ready() => break,
+            _ = tokio::time::sleep(READY_NAG) => tracing::warn!(
+                waited_s = waited.elapsed().as_secs(),
+                "still waiting for the source's first complete list; nothing is written until then"
+            ),
+        }
+    }
+
+    loop {
+        let failed = syncer.once(&mut store, &mut writer);
+        let retry = failed.then(|| tokio::time::Instant::now() + RETRY_FAILED_WRITE);
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = store.changed() => syncer.health.queued(SystemTime::now()),
+            _ = sleep_until(retry) => {}
+        }
+        // Batch a burst of changes into one plan.
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(opts.coalesce) => {}
+        }
+    }
+    stop(store).await
+}
+
+async fn stop(store: Store) -> Result<(), RunError> {
+    store.stopped().await;
     tracing::info!("stopping; maps stay pinned for the next start");
     Ok(())
+}
+
+/// Sleeps until `at`, or forever when there is nothing to wait for.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One snapshot -> plan -> apply, and what it reports to and remembers between runs.
+struct Syncer {
+    node_name: String,
+    plan_options: PlanOptions,
+    /// Rejections already logged: each sync recomputes all of them, and the log should say
+    /// when one appears, not repeat it on every endpoint change.
+    reported: HashSet<String>,
+    metrics: Arc<Metrics>,
+    health: HealthState,
+}
+
+impl Syncer {
+    /// Returns true if some write failed (a full map) and should be retried.
+    fn once<M: MapOps>(&mut self, store: &mut Store, writer: &mut MapWriter<M>) -> bool {
+        let started = Instant::now();
+        let state = store.snapshot();
+        if let Some(node) = &state.node {
+            self.health
+                .node_state(node.deleting, node.autoscaler_removing);
+        }
+        let node = state.node_info(&self.node_name);
+        let desired = planner::plan(&PlanInput {
+            services: &state.services,
+            slices: &state.slices,
+            node: &node,
+            options: &self.plan_options,
+        });
+        let rejections: HashSet<String> = desired
+            .rejections
+            .iter()
+            .map(|r| format!("refused {}: {}", r.object, r.reason))
+            .collect();
+        for r in rejections.difference(&self.reported) {
+            tracing::warn!("{r}");
+        }
+        self.reported = rejections;
+        let stats = writer.apply(&desired);
+        if stats.failed == 0 {
+            // Everything queued before the snapshot is programmed now.
+            let now = SystemTime::now();
+            self.metrics.observe_sync(started.elapsed(), now);
+            self.health.programmed(now);
+        }
+        if stats.frontends_written + stats.frontends_removed + stats.failed == 0 {
+            tracing::debug!(frontends = desired.frontends.len(), "no change");
+        } else {
+            tracing::info!(
+                frontends = desired.frontends.len(),
+                written = stats.frontends_written,
+                removed = stats.frontends_removed,
+                failed = stats.failed,
+                took_ms = started.elapsed().as_millis() as u64,
+                "synced"
+            );
+        }
+        stats.failed > 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_is_the_one_given_or_named_and_never_guessed() {
+        let dir = || Some(PathBuf::from("m"));
+        let kc = || Some(PathBuf::from("kc"));
+        let ok = |kind, m, k| SourceOptions::resolve(kind, m, k).map_err(|e| e.to_string());
+        use SourceKind::{Kube, Manifests};
+        assert_eq!(
+            ok(None, dir(), None),
+            Ok(SourceOptions::Manifests("m".into()))
+        );
+        assert_eq!(
+            ok(Some(Manifests), dir(), None),
+            Ok(SourceOptions::Manifests("m".into()))
+        );
+        assert_eq!(
+            ok(None, None, kc()),
+            Ok(SourceOptions::Kube { kubeconfig: kc() })
+        );
+        assert_eq!(
+            ok(Some(Kube), None, None),
+            Ok(SourceOptions::Kube { kubeconfig: None }),
+            "in-cluster or KUBECONFIG"
+        );
+        for (kind, m, k, want) in [
+            (None, None, None, "no source"),
+            (None, dir(), kc(), "pick one"),
+            (Some(Manifests), None, None, "needs --manifests"),
+            (Some(Manifests), dir(), kc(), "--kubeconfig is only"),
+            (Some(Kube), dir(), None, "--manifests is only"),
+        ] {
+            let got = ok(kind, m, k);
+            assert!(
+                got.as_ref().is_err_and(|e| e.contains(want)),
+                "{kind:?}: {got:?} should mention {want:?}"
+            );
+        }
+    }
 }

@@ -20,6 +20,7 @@
 //! [`in_netns`], [`tcp_request_here`] / [`udp_request_here`] do many on one thread; [`sockopt`]
 //! has the socket controls (path MTU, ICMP error queue, fixed source ports) beyond `std::net`.
 
+pub mod apiserver;
 pub mod client;
 pub mod cmd;
 pub mod echo;

@@ -4,6 +4,7 @@
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
 use std::{
+    ffi::{OsStr, OsString},
     net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
     process::{Child, Stdio},
@@ -188,40 +189,85 @@ impl Drop for Manifests {
 pub struct Proxy {
     child: Option<Child>,
     pin_dir: PathBuf,
+    /// How it was started, for [`restart`](Self::restart).
+    args: Vec<OsString>,
 }
 
 impl Proxy {
     pub fn start(sb: &Sandbox, manifests: &Path, hook: &str) -> Self {
+        Self::spawn(sb, &["--manifests".as_ref(), manifests.as_os_str()], hook)
+    }
+
+    /// Like [`start`](Self::start), following the API server named in `kubeconfig` (which must
+    /// be reachable from the node namespace) as the node called `node`.
+    pub fn start_kube(sb: &Sandbox, kubeconfig: &Path, hook: &str) -> Self {
+        Self::spawn(
+            sb,
+            &[
+                "--kubeconfig".as_ref(),
+                kubeconfig.as_os_str(),
+                "--node-name".as_ref(),
+                "node".as_ref(),
+            ],
+            hook,
+        )
+    }
+
+    fn spawn(sb: &Sandbox, source_args: &[&OsStr], hook: &str) -> Self {
         let pin_dir = PathBuf::from("/sys/fs/bpf").join(unique("svcproxy-e2e"));
-        let child = sb
-            .node_command(svcproxy_bin())
-            .args(["run", "--manifests"])
-            .arg(manifests)
-            .args([
+        let mut args = vec![OsString::from("run")];
+        args.extend(source_args.iter().map(|a| a.to_os_string()));
+        args.extend(
+            [
                 "--interfaces",
                 &sb.veth_glob(),
                 "--hook",
                 hook,
                 "--pin-path",
-            ])
-            .arg(&pin_dir)
-            .args([
+            ]
+            .map(OsString::from),
+        );
+        args.push(pin_dir.clone().into());
+        args.extend(
+            [
                 "--max-frontends",
                 "1024",
                 "--max-slots",
                 "4096",
                 "--max-backends",
                 "4096",
-            ])
-            .args(["--max-flows", "65536"])
-            .env("SVCPROXY_LOG", "info")
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting svcproxy: {e}"));
+                "--max-flows",
+                "65536",
+            ]
+            .map(OsString::from),
+        );
+        let child = Self::run(sb, &args);
         Self {
             child: Some(child),
             pin_dir,
+            args,
         }
+    }
+
+    fn run(sb: &Sandbox, args: &[OsString]) -> Child {
+        sb.node_command(svcproxy_bin())
+            .args(args)
+            .env("SVCPROXY_LOG", "info")
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting svcproxy: {e}"))
+    }
+
+    /// Stops svcproxy (it must exit cleanly) and starts it again with the same options and
+    /// pins, as a rolling upgrade or a crash-restart does.
+    pub fn restart(&mut self, sb: &Sandbox) {
+        let mut child = self.child.take().expect("running");
+        let status = terminate(&mut child);
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "svcproxy exited with {status:?}"
+        );
+        self.child = Some(Self::run(sb, &self.args));
     }
 
     pub fn pin_dir(&self) -> &Path {

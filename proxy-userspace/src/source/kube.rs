@@ -1,0 +1,434 @@
+//! The API-server source: watches Services, EndpointSlices and this node's Node into reflector
+//! stores, and notifies on every change.
+//!
+//! The selectors are kube-proxy's, so both proxies see the same objects: Services without the
+//! `service.kubernetes.io/headless` and `service.kubernetes.io/service-proxy-name` labels,
+//! EndpointSlices without the headless label, and only the Node named `metadata.name=<node>`.
+//! Watch errors (API server gone, RBAC missing, relist after a compaction) are never fatal: the
+//! stores keep their last contents, nothing is notified, so nothing is written and the datapath
+//! keeps serving what it has; the watcher retries with kube's default backoff (0.8 s doubling
+//! to 30 s, with jitter, as client-go), and after it relists, the next plan converges.
+
+use std::{
+    fmt::Debug,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use futures::StreamExt as _;
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client, Config, Resource,
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{
+        WatchStreamExt as _,
+        reflector::{self, Store as Reader},
+        watcher,
+    },
+};
+use serde::de::DeserializeOwned;
+use thiserror::Error;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::{Changes, ClusterState, NodeState, Source, Store};
+
+/// kube-proxy's Service selector: headless Services have no virtual IP, and Services labelled
+/// with a service-proxy name belong to another proxy.
+pub const SERVICE_SELECTOR: &str =
+    "!service.kubernetes.io/headless,!service.kubernetes.io/service-proxy-name";
+/// kube-proxy's EndpointSlice selector: slices of headless Services.
+pub const SLICE_SELECTOR: &str = "!service.kubernetes.io/headless";
+/// The annotation `kubectl apply` keeps a whole copy of the object in; nothing here reads it.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+/// While a watch keeps failing, how often its error is logged again.
+const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Errors setting up the API client. Watch errors are not here: they are retried, never fatal.
+/// Each message already holds its cause's, so none is also a `source` (printed twice).
+#[derive(Debug, Error)]
+pub enum KubeSourceError {
+    #[error("cannot read kubeconfig {}: {error}; check the --kubeconfig path", .path.display())]
+    ReadKubeconfig {
+        path: PathBuf,
+        error: kube::config::KubeconfigError,
+    },
+    #[error("kubeconfig {}: {error}; check its current context, cluster and user", .path.display())]
+    Kubeconfig {
+        path: PathBuf,
+        error: kube::config::KubeconfigError,
+    },
+    #[error(
+        "no API server configuration: {0}; pass --kubeconfig, set KUBECONFIG, or run in a pod \
+         with a service account"
+    )]
+    Infer(kube::config::InferConfigError),
+    #[error("cannot build the API client: {0}")]
+    Client(kube::Error),
+}
+
+/// Where the API server is and which node we are.
+#[derive(Clone, Debug)]
+pub struct KubeOptions {
+    /// A kubeconfig file; `None` infers (`KUBECONFIG`, `~/.kube/config`, then in-cluster).
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's `metadata.name`.
+    pub node_name: String,
+}
+
+/// Builds the client from `opts` and starts the three watches; they run until `shutdown`.
+pub async fn start(
+    opts: &KubeOptions,
+    shutdown: CancellationToken,
+) -> Result<Store, KubeSourceError> {
+    let client = client(opts.kubeconfig.as_deref()).await?;
+    let changes = Changes::new();
+    let services: Watch<Service> = watch(
+        "Services",
+        Api::all(client.clone()),
+        watcher::Config::default().labels(SERVICE_SELECTOR),
+        &changes,
+        &shutdown,
+    );
+    let slices: Watch<EndpointSlice> = watch(
+        "EndpointSlices",
+        Api::all(client.clone()),
+        watcher::Config::default().labels(SLICE_SELECTOR),
+        &changes,
+        &shutdown,
+    );
+    let node: Watch<Node> = watch(
+        "Node",
+        Api::all(client),
+        watcher::Config::default().fields(&format!("metadata.name={}", opts.node_name)),
+        &changes,
+        &shutdown,
+    );
+    let tasks = vec![services.task, slices.task, node.task];
+    let source = KubeSource {
+        services: services.reader,
+        slices: slices.reader,
+        node: node.reader,
+        ready: [services.ready, slices.ready, node.ready],
+        node_name: opts.node_name.clone(),
+    };
+    Ok(Store::new(Arc::new(source), changes, tasks))
+}
+
+async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubeSourceError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc =
+                Kubeconfig::read_from(path).map_err(|error| KubeSourceError::ReadKubeconfig {
+                    path: path.to_path_buf(),
+                    error,
+                })?;
+            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .map_err(|error| KubeSourceError::Kubeconfig {
+                    path: path.to_path_buf(),
+                    error,
+                })?
+        }
+        None => Config::infer().await.map_err(KubeSourceError::Infer)?,
+    };
+    tracing::info!(server = %config.cluster_url, "following the API server");
+    Client::try_from(config).map_err(KubeSourceError::Client)
+}
+
+struct KubeSource {
+    services: Reader<Service>,
+    slices: Reader<EndpointSlice>,
+    node: Reader<Node>,
+    /// One flag per watch, set when its first list completed.
+    ready: [Arc<AtomicBool>; 3],
+    node_name: String,
+}
+
+impl Source for KubeSource {
+    fn is_ready(&self) -> bool {
+        self.ready.iter().all(|r| r.load(Ordering::Acquire))
+    }
+
+    fn snapshot(&self) -> ClusterState {
+        // The planner takes plain slices; a copy per sync is the price of its purity.
+        fn owned<K: Clone>(objects: Vec<Arc<K>>) -> Vec<K> {
+            objects.iter().map(|o| K::clone(o)).collect()
+        }
+        ClusterState {
+            services: owned(self.services.state()),
+            slices: owned(self.slices.state()),
+            // The field selector already names the node; checking again costs nothing and
+            // keeps another node's state out should a server ignore the selector.
+            node: self
+                .node
+                .find(|n| n.metadata.name.as_deref() == Some(&self.node_name))
+                .map(|n| NodeState::from_node(&n)),
+        }
+    }
+}
+
+/// One watched kind: the store's reading side, whether its first list completed, its task.
+struct Watch<K: Resource<DynamicType = ()> + 'static> {
+    reader: Reader<K>,
+    ready: Arc<AtomicBool>,
+    task: JoinHandle<()>,
+}
+
+fn watch<K>(
+    kind: &'static str,
+    api: Api<K>,
+    config: watcher::Config,
+    changes: &Changes,
+    shutdown: &CancellationToken,
+) -> Watch<K>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + Trim + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let ready = Arc::new(AtomicBool::new(false));
+    let task = tokio::spawn(follow(
+        kind,
+        api,
+        config,
+        writer,
+        ready.clone(),
+        changes.clone(),
+        shutdown.clone(),
+    ));
+    Watch {
+        reader,
+        ready,
+        task,
+    }
+}
+
+/// Runs one watch into `writer` until `shutdown`, notifying `changes` whenever the store
+/// changed.
+async fn follow<K>(
+    kind: &'static str,
+    api: Api<K>,
+    config: watcher::Config,
+    mut writer: reflector::store::Writer<K>,
+    ready: Arc<AtomicBool>,
+    changes: Changes,
+    shutdown: CancellationToken,
+) where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + Trim + 'static,
+{
+    let mut errors = ErrorLog::new(ERROR_LOG_INTERVAL);
+    // The backoff never gives up, so the stream never ends; should it anyway, a fresh one
+    // starts (with a pause, so a bug cannot spin) rather than silently freezing this kind.
+    loop {
+        let mut stream = watcher(api.clone(), config.clone())
+            .default_backoff()
+            .modify(Trim::trim)
+            .boxed();
+        loop {
+            let item = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                item = stream.next() => item,
+            };
+            let Some(item) = item else { break };
+            let event = match item {
+                Ok(event) => event,
+                Err(e) => {
+                    if let Some(suppressed) = errors.failed(Instant::now()) {
+                        tracing::warn!(
+                            kind,
+                            suppressed,
+                            "watch failed, retrying with backoff (the datapath keeps its \
+                             current state): {e}"
+                        );
+                    }
+                    continue;
+                }
+            };
+            // The watcher reports nothing when a retry succeeds, so recovery shows at the
+            // first event after it (a quiet kind reports late, and a longer outage). `Init`
+            // does not count: it is emitted before the list request is even sent.
+            if !matches!(event, watcher::Event::Init)
+                && let Some(outage) = errors.recovered(Instant::now())
+            {
+                tracing::info!(
+                    kind,
+                    since_first_error_s = outage.as_secs(),
+                    "watch delivering again"
+                );
+            }
+            writer.apply_watcher_event(&event);
+            match event {
+                watcher::Event::Apply(_) | watcher::Event::Delete(_) => changes.notify(),
+                watcher::Event::InitDone => {
+                    if !ready.swap(true, Ordering::AcqRel) {
+                        tracing::info!(
+                            kind,
+                            count = writer.as_reader().len(),
+                            "initial list complete"
+                        );
+                    }
+                    changes.notify();
+                }
+                // The store changes only at InitDone, when the relisted set replaces the old
+                // one at once (so a relist never shows a half-listed store).
+                watcher::Event::Init | watcher::Event::InitApply(_) => {}
+            }
+        }
+        tracing::error!(kind, "watch stream ended unexpectedly; restarting it");
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// Drops what the proxy never reads before an object is stored: every node keeps a copy of
+/// every Service and EndpointSlice, so this is most of the proxy's memory.
+trait Trim {
+    fn trim(&mut self);
+}
+
+fn trim_meta<K: Resource>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED);
+    }
+}
+
+impl Trim for Service {
+    fn trim(&mut self) {
+        trim_meta(self);
+        // Load-balancer status is kept: its ingress IPs are frontends.
+    }
+}
+
+impl Trim for EndpointSlice {
+    fn trim(&mut self) {
+        trim_meta(self);
+    }
+}
+
+impl Trim for Node {
+    fn trim(&mut self) {
+        trim_meta(self);
+        // Labels, deletion time and taints are read; the status (images, conditions) is large.
+        self.status = None;
+    }
+}
+
+/// Rate-limits one watch's error log: the first error of an outage is logged, then at most one
+/// per interval with the count of those not logged; the end of an outage is logged once.
+#[derive(Debug)]
+struct ErrorLog {
+    interval: Duration,
+    failing_since: Option<Instant>,
+    last_logged: Option<Instant>,
+    suppressed: u32,
+}
+
+impl ErrorLog {
+    fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            failing_since: None,
+            last_logged: None,
+            suppressed: 0,
+        }
+    }
+
+    /// Records an error; `Some(errors suppressed since the last log)` if this one is logged.
+    fn failed(&mut self, now: Instant) -> Option<u32> {
+        self.failing_since.get_or_insert(now);
+        let due = self
+            .last_logged
+            .is_none_or(|t| now.duration_since(t) >= self.interval);
+        if !due {
+            self.suppressed = self.suppressed.saturating_add(1);
+            return None;
+        }
+        self.last_logged = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
+
+    /// Records a success; `Some(outage length)` if it ends an outage.
+    fn recovered(&mut self, now: Instant) -> Option<Duration> {
+        let since = self.failing_since.take()?;
+        self.last_logged = None;
+        self.suppressed = 0;
+        Some(now.duration_since(since))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, ObjectMeta};
+    use kube::ResourceExt as _;
+
+    use super::*;
+
+    #[test]
+    fn error_log_logs_first_error_then_once_per_interval_and_the_recovery() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut log = ErrorLog::new(s(30));
+        assert_eq!(log.recovered(t0), None, "no outage yet");
+        assert_eq!(log.failed(t0), Some(0), "first error is logged");
+        assert_eq!(log.failed(t0 + s(1)), None);
+        assert_eq!(log.failed(t0 + s(3)), None);
+        assert_eq!(
+            log.failed(t0 + s(30)),
+            Some(2),
+            "then once per interval, with a count"
+        );
+        assert_eq!(log.failed(t0 + s(31)), None);
+        assert_eq!(log.recovered(t0 + s(40)), Some(s(40)), "the whole outage");
+        assert_eq!(log.recovered(t0 + s(41)), None, "recovery is logged once");
+        assert_eq!(log.failed(t0 + s(42)), Some(0), "a new outage logs at once");
+    }
+
+    #[test]
+    fn trim_drops_managed_fields_last_applied_and_node_status() {
+        let meta = ObjectMeta {
+            name: Some("x".into()),
+            managed_fields: Some(vec![ManagedFieldsEntry::default()]),
+            annotations: Some(
+                [
+                    (LAST_APPLIED, "{...}"),
+                    ("svcproxy.io/lb-algorithm", "maglev"),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+            ),
+            ..ObjectMeta::default()
+        };
+        let mut svc = Service {
+            metadata: meta.clone(),
+            ..Service::default()
+        };
+        svc.trim();
+        assert_eq!(svc.metadata.managed_fields, None);
+        let annotations = svc.metadata.annotations.unwrap_or_default();
+        assert_eq!(
+            annotations.keys().collect::<Vec<_>>(),
+            ["svcproxy.io/lb-algorithm"],
+            "annotations the planner reads stay"
+        );
+        let mut node = Node {
+            metadata: meta,
+            status: Some(Default::default()),
+            ..Node::default()
+        };
+        node.trim();
+        assert!(node.status.is_none());
+        assert_eq!(node.name_any(), "x");
+    }
+}
