@@ -24,7 +24,7 @@ use crate::planner::NodeInfo;
 pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
 /// The taint the cluster autoscaler puts on a node it is about to remove. kube-proxy fails its
 /// `/healthz` on it so load balancers drain the node before it goes.
-pub const TAINT_TO_BE_DELETED: &str = "ToBeDeletedByClusterAutoscaler";
+pub use crate::health::TO_BE_DELETED_TAINT as TAINT_TO_BE_DELETED;
 
 /// Everything a source knows at one moment.
 #[derive(Clone, Debug, Default, PartialEq)]
