@@ -29,9 +29,9 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     health::{self, HealthState},
     iface,
-    kernel_maps::{KernelMaps, OpenError},
+    kernel_maps::{KernelMaps, OpenError, StatsReader},
     loader::{Datapath, Hook, LoadError, MapSizes},
-    metrics::Metrics,
+    metrics::{DatapathSnapshot, Metrics},
     planner::{self, PlanInput, PlanOptions},
     source::{
         self, Store,
@@ -44,6 +44,9 @@ use crate::{
 const RETRY_FAILED_WRITE: Duration = Duration::from_secs(1);
 /// While the source is not ready, how often to say we are still waiting.
 const READY_NAG: Duration = Duration::from_secs(10);
+/// How often the datapath's outcome counters are copied into `/metrics`: a scrape interval is
+/// typically 15-60 s, and a read is one syscall per outcome.
+const COUNTERS_REFRESH: Duration = Duration::from_secs(1);
 
 /// Which source `svcproxy run` follows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -215,6 +218,13 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     let logs = dp
         .take_logger()
         .map(|logger| tokio::spawn(drain_logs(logger)));
+    let counters = match StatsReader::take(&mut dp) {
+        Ok(reader) => tokio::spawn(refresh_counters(reader, metrics.clone(), shutdown.clone())),
+        Err(e) => {
+            dp.detach_all();
+            return Err(RunError::OpenMaps(e));
+        }
+    };
     let mut syncer = Syncer {
         node_name: opts.node_name.clone(),
         plan_options: PlanOptions::default(),
@@ -228,6 +238,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     if let Some(task) = logs {
         task.abort();
     }
+    let _ = counters.await;
     signals.abort();
     // In-flight health and metrics requests get their grace period.
     let _ = http.await;
@@ -248,6 +259,33 @@ fn watch_signals(shutdown: CancellationToken) -> Result<tokio::task::JoinHandle<
         tracing::info!("{name}: stopping");
         shutdown.cancel();
     }))
+}
+
+/// Copies the datapath's per-CPU outcome counters (summed) into the metrics until shutdown. A
+/// failed read is logged once and retried; the last good values stay exported.
+async fn refresh_counters(reader: StatsReader, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(COUNTERS_REFRESH);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match reader.read() {
+            Ok(outcomes) => {
+                failing = false;
+                metrics.set_datapath_snapshot(DatapathSnapshot {
+                    outcomes,
+                    ..DatapathSnapshot::default()
+                });
+            }
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!("reading the datapath counters failed: {e}");
+            }
+            Err(_) => {}
+        }
+    }
 }
 
 /// Forwards the datapath's (rare) log records to our log as they arrive.

@@ -303,10 +303,6 @@ impl<M: MapOps> MapWriter<M> {
         })
     }
 
-    pub fn maps(&self) -> &M {
-        &self.maps
-    }
-
     /// Number of frontends currently written.
     pub fn frontend_count(&self) -> usize {
         self.written.len()
