@@ -12,6 +12,7 @@ use std::{
 };
 
 use common::{Endpoint, Manifests, Proxy, SvcPort};
+use proxy_common::{backend::BACKENDS4, service::FRONTENDS4};
 use svcproxy_tests::{
     Sandbox, bulk_pattern, in_netns, sandbox::DEFAULT_ECHO_PORT, tcp_request_here, udp_request_here,
 };
@@ -90,6 +91,42 @@ fn clusterip_end_to_end(hook: &str) {
     let proxy = Proxy::start(&sb, manifests.dir(), hook);
     proxy.wait_until_serving(&sb, "client", SocketAddrV4::new(VIP, 80));
 
+    // `bpftool map dump` shows the Service and backend maps with field names (BTF), not only
+    // raw bytes: with `-j` the BTF view is the `formatted` object, present only when the map
+    // carries BTF.
+    let frontends = common::bpftool_dump(proxy.pin_dir(), FRONTENDS4);
+    let entries = frontends.as_array().expect("a JSON array of entries");
+    assert_eq!(
+        entries.len(),
+        2,
+        "{hook}: TCP and UDP frontends: {frontends}"
+    );
+    for e in entries {
+        let f = &e["formatted"];
+        assert!(
+            f["key"]["addr_be"].is_u64() && f["key"]["proto"].is_u64(),
+            "{hook}: {e}"
+        );
+        assert!(f["value"]["backend_count"] == 3, "{hook}: 3 backends: {e}");
+    }
+    let backends = common::bpftool_dump(proxy.pin_dir(), BACKENDS4);
+    let backends = backends.as_array().expect("a JSON array of entries");
+    assert_eq!(backends.len(), 6, "{hook}: 3 backends x 2 frontends");
+    let vip_be = u64::from(u32::from_ne_bytes(VIP.octets()));
+    assert!(
+        entries
+            .iter()
+            .all(|e| e["formatted"]["key"]["addr_be"] == vip_be),
+        "{hook}: keys hold the ClusterIP"
+    );
+    assert!(
+        backends
+            .iter()
+            .all(|b| b["formatted"]["value"]["addr_be"].is_u64()
+                && b["formatted"]["value"]["svc_id"].is_u64()),
+        "{hook}: {backends:?}"
+    );
+
     // Load balancing: each backend gets >= 15% of 200 new connections, TCP and UDP.
     for proto in ["tcp", "udp"] {
         let hits = spread(&sb, proto, 200);
@@ -105,6 +142,22 @@ fn clusterip_end_to_end(hook: &str) {
             );
         }
     }
+
+    // The datapath's outcome counters reach /metrics (refreshed every second). Once traffic
+    // has stopped, the page shows exactly what the pinned counter holds: at least the 200 TCP
+    // connections (a UDP request may reuse a source port whose flow is still live, and count
+    // as established).
+    thread::sleep(Duration::from_millis(1500));
+    let page = common::scrape_metrics(&sb);
+    let new_flows = common::metric_value(
+        &page,
+        "svcproxy_datapath_packets_total{outcome=\"fwd_new\"}",
+    );
+    let pinned = proxy.counter("fwd_new") as f64;
+    assert!(
+        new_flows == Some(pinned) && pinned >= 200.0,
+        "{hook}: /metrics says {new_flows:?} new flows, the datapath counted {pinned}"
+    );
 
     // A 1 MiB transfer in each direction completes intact.
     let client = sb.pod("client").expect("client").netns.clone();

@@ -372,3 +372,56 @@ impl Drop for Proxy {
         let _ = std::fs::remove_dir_all(&self.pin_dir);
     }
 }
+
+/// GETs `/metrics` from svcproxy's default metrics address (127.0.0.1:10249) inside the
+/// sandbox's node namespace, where the proxy runs.
+pub fn scrape_metrics(sb: &Sandbox) -> String {
+    let netns = sb.node_netns().to_owned();
+    in_netns(&netns, || {
+        use std::io::{Read as _, Write as _};
+        let mut conn = std::net::TcpStream::connect_timeout(
+            &SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10249).into(),
+            Duration::from_secs(2),
+        )
+        .unwrap_or_else(|e| panic!("connecting to svcproxy's /metrics: {e}"));
+        conn.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("read timeout");
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            .expect("send the request");
+        let mut body = String::new();
+        conn.read_to_string(&mut body).expect("read the response");
+        body
+    })
+    .expect("entering the node namespace")
+}
+
+/// The value of one sample line (`name{labels} value`) in a metrics page.
+pub fn metric_value(page: &str, series: &str) -> Option<f64> {
+    page.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .trim()
+            .split(' ')
+            .next()?
+            .parse()
+            .ok()
+    })
+}
+
+/// `bpftool -j map dump pinned <pin dir>/<map>` as JSON: what an operator inspecting a live
+/// svcproxy sees.
+pub fn bpftool_dump(pin_dir: &Path, map: &str) -> Value {
+    let path = pin_dir.join(map);
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(&path)
+        .output()
+        .unwrap_or_else(|e| panic!("running bpftool (installed by `cargo xtask setup`): {e}"));
+    assert!(
+        out.status.success(),
+        "bpftool map dump pinned {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("bpftool printed no JSON for {}: {e}", path.display()))
+}
