@@ -371,100 +371,22 @@ impl Sandbox {
         else {
             bail!("pod {} is not behind a router", pod.name);
         };
-        let (node, ns, hv) = (&self.node_netns, &pod.netns, &pod.host_veth);
-        // Same MAC scheme as pods on the node: the router's end plays the host veth's part.
-        let [a, b, c, d] = pod.ip.octets();
-        let gw_mac = format!("02:48:{a:02x}:{b:02x}:{c:02x}:{d:02x}");
-        let pod_mac = format!("02:50:{a:02x}:{b:02x}:{c:02x}:{d:02x}");
-        let (pod_ip, gw, eth0) = (pod.ip, POD_GATEWAY, POD_IFACE);
-
-        ip(["netns", "add", ns])?;
-        set_sysctls(ns, &[])?;
-        ip_in(
-            router,
-            &format!(
-                "link add {link} address {gw_mac} mtu {mtu} type veth peer name {eth0} address {pod_mac} mtu {mtu} netns {ns}"
-            ),
-        )?;
-        ip_in(ns, "link set lo up")?;
-        ip_in(ns, &format!("addr add {pod_ip}/32 dev {eth0}"))?;
-        ip_in(ns, &format!("link set {eth0} up"))?;
-        ip_in(router, &format!("link set {link} up"))?;
-        ip_in(ns, &format!("route add default via {gw} dev {eth0} onlink"))?;
-        ip_in(
-            ns,
-            &format!("neigh replace {gw} lladdr {gw_mac} dev {eth0} nud permanent"),
-        )?;
-        ip_in(router, &format!("route add {pod_ip}/32 dev {link}"))?;
-        ip_in(
-            router,
-            &format!("neigh replace {pod_ip} lladdr {pod_mac} dev {link} nud permanent"),
-        )?;
+        // The router's end of the link plays the host veth's part.
+        wire_pod(router, link, pod, Some(mtu))?;
         // The node already has a permanent neighbour entry for the router, so this never ARPs.
         ip_in(
-            node,
-            &format!("route add {pod_ip}/32 via {router_ip} dev {hv} onlink"),
+            &self.node_netns,
+            &format!(
+                "route add {}/32 via {router_ip} dev {} onlink",
+                pod.ip, pod.host_veth
+            ),
         )?;
-        EchoServers::start(
-            ns,
-            EchoConfig {
-                name: pod.name.clone(),
-                greeting: options
-                    .greeting
-                    .unwrap_or_else(|| format!("{}\n", pod.name)),
-                tcp_ports: options.tcp_ports,
-                udp_ports: options.udp_ports,
-            },
-        )
+        start_echo(pod, options)
     }
 
     fn setup_pod(&self, pod: &PodInfo, options: PodOptions) -> Result<EchoServers> {
-        let (node, ns, hv) = (&self.node_netns, &pod.netns, &pod.host_veth);
-        // MACs derived from the pod IP: deterministic and unique within the node, which is
-        // all the static neighbour entries need.
-        let [a, b, c, d] = pod.ip.octets();
-        let host_mac = format!("02:48:{a:02x}:{b:02x}:{c:02x}:{d:02x}");
-        let pod_mac = format!("02:50:{a:02x}:{b:02x}:{c:02x}:{d:02x}");
-        let (pod_ip, gw, eth0) = (pod.ip, POD_GATEWAY, POD_IFACE);
-
-        ip(["netns", "add", ns])?;
-        // Before the veth exists, so its end in the pod inherits the "default" settings.
-        set_sysctls(ns, &[])?;
-        // Creating the peer directly inside the pod namespace means the name eth0 never has
-        // to be free in the node namespace.
-        ip_in(
-            node,
-            &format!(
-                "link add {hv} address {host_mac} type veth peer name {eth0} address {pod_mac} netns {ns}"
-            ),
-        )?;
-        ip_in(ns, "link set lo up")?;
-        ip_in(ns, &format!("addr add {pod_ip}/32 dev {eth0}"))?;
-        // Both ends up before routes and neighbours: the kernel refuses routes through a down
-        // link and flushes neighbour entries when a link goes down.
-        ip_in(ns, &format!("link set {eth0} up"))?;
-        ip_in(node, &format!("link set {hv} up"))?;
-        ip_in(ns, &format!("route add default via {gw} dev {eth0} onlink"))?;
-        ip_in(
-            ns,
-            &format!("neigh replace {gw} lladdr {host_mac} dev {eth0} nud permanent"),
-        )?;
-        ip_in(node, &format!("route add {pod_ip}/32 dev {hv}"))?;
-        ip_in(
-            node,
-            &format!("neigh replace {pod_ip} lladdr {pod_mac} dev {hv} nud permanent"),
-        )?;
-        EchoServers::start(
-            ns,
-            EchoConfig {
-                name: pod.name.clone(),
-                greeting: options
-                    .greeting
-                    .unwrap_or_else(|| format!("{}\n", pod.name)),
-                tcp_ports: options.tcp_ports,
-                udp_ports: options.udp_ports,
-            },
-        )
+        wire_pod(&self.node_netns, &pod.host_veth, pod, None)?;
+        start_echo(pod, options)
     }
 
     /// Stops a pod's servers and deletes its veth pair, namespace and `/etc/netns` directory.
@@ -750,6 +672,64 @@ fn join_problems(problems: Vec<String>) -> Result<()> {
     } else {
         Err(anyhow!(problems.join("; ")))
     }
+}
+
+/// Creates the pod's namespace and its veth pair to `upstream` (the node, or a router pod):
+/// `link` is the upstream end, the pod end is `eth0` with the pod IP, a default route via the
+/// link-local gateway, and permanent neighbour entries both ways so nothing ever ARPs.
+fn wire_pod(upstream: &str, link: &str, pod: &PodInfo, mtu: Option<u32>) -> Result<()> {
+    let ns = &pod.netns;
+    // MACs derived from the pod IP: deterministic and unique within the node, which is all
+    // the static neighbour entries need.
+    let [a, b, c, d] = pod.ip.octets();
+    let up_mac = format!("02:48:{a:02x}:{b:02x}:{c:02x}:{d:02x}");
+    let pod_mac = format!("02:50:{a:02x}:{b:02x}:{c:02x}:{d:02x}");
+    let (pod_ip, gw, eth0) = (pod.ip, POD_GATEWAY, POD_IFACE);
+    let mtu = mtu.map(|m| format!(" mtu {m}")).unwrap_or_default();
+
+    ip(["netns", "add", ns])?;
+    // Before the veth exists, so its end in the pod inherits the "default" settings.
+    set_sysctls(ns, &[])?;
+    // Creating the peer directly inside the pod namespace means the name eth0 never has to be
+    // free upstream.
+    ip_in(
+        upstream,
+        &format!(
+            "link add {link} address {up_mac}{mtu} type veth peer name {eth0} address {pod_mac}{mtu} netns {ns}"
+        ),
+    )?;
+    ip_in(ns, "link set lo up")?;
+    ip_in(ns, &format!("addr add {pod_ip}/32 dev {eth0}"))?;
+    // Both ends up before routes and neighbours: the kernel refuses routes through a down link
+    // and flushes neighbour entries when a link goes down.
+    ip_in(ns, &format!("link set {eth0} up"))?;
+    ip_in(upstream, &format!("link set {link} up"))?;
+    ip_in(ns, &format!("route add default via {gw} dev {eth0} onlink"))?;
+    ip_in(
+        ns,
+        &format!("neigh replace {gw} lladdr {up_mac} dev {eth0} nud permanent"),
+    )?;
+    ip_in(upstream, &format!("route add {pod_ip}/32 dev {link}"))?;
+    ip_in(
+        upstream,
+        &format!("neigh replace {pod_ip} lladdr {pod_mac} dev {link} nud permanent"),
+    )?;
+    Ok(())
+}
+
+/// Starts the pod's echo servers inside its namespace.
+fn start_echo(pod: &PodInfo, options: PodOptions) -> Result<EchoServers> {
+    EchoServers::start(
+        &pod.netns,
+        EchoConfig {
+            name: pod.name.clone(),
+            greeting: options
+                .greeting
+                .unwrap_or_else(|| format!("{}\n", pod.name)),
+            tcp_ports: options.tcp_ports,
+            udp_ports: options.udp_ports,
+        },
+    )
 }
 
 #[cfg(test)]
