@@ -3,7 +3,7 @@
 use std::collections::HashMap as StdHashMap;
 
 use aya::{
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
     util::nr_cpus,
 };
 use proxy_common::{
@@ -182,15 +182,22 @@ impl MapOps for KernelMaps {
     }
 }
 
-/// Reads the per-CPU outcome counters, summed over CPUs.
+/// Reads the datapath's per-CPU counters, summed over CPUs: outcomes, and per-Service counters
+/// by service id.
 pub struct StatsReader {
     stats: PerCpuArray<MapData, u64>,
+    /// A second handle on the pinned map the writer also holds (it resets a reused id's
+    /// counters): reading needs no coordination with writing, and the writer's handle stays
+    /// its own.
+    svc_stats: PerCpuArray<MapData, SvcStats>,
 }
 
 impl StatsReader {
     pub fn take(dp: &mut Datapath) -> Result<Self, OpenError> {
+        let svc_stats = MapData::from_pin(dp.pin_dir().join(SVC_STATS))?;
         Ok(Self {
             stats: PerCpuArray::try_from(dp.take_map(STATS)?)?,
+            svc_stats: PerCpuArray::try_from(Map::PerCpuArray(svc_stats))?,
         })
     }
 
@@ -200,5 +207,16 @@ impl StatsReader {
             *slot = self.stats.get(&(i as u32), 0)?.iter().sum();
         }
         Ok(out)
+    }
+
+    /// The counters of one service id, summed over CPUs.
+    pub fn read_service(&self, svc_id: u32) -> Result<SvcStats, MapError> {
+        let mut sum = SvcStats::default();
+        for cpu in self.svc_stats.get(&svc_id, 0)?.iter() {
+            sum.packets = sum.packets.wrapping_add(cpu.packets);
+            sum.bytes = sum.bytes.wrapping_add(cpu.bytes);
+            sum.new_flows = sum.new_flows.wrapping_add(cpu.new_flows);
+        }
+        Ok(sum)
     }
 }

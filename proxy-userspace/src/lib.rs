@@ -5,6 +5,7 @@
 //! [`kernel_maps`]) -> kernel.
 //! [`loader`] loads, pins and attaches the programs; [`run`] ties it together.
 
+pub mod counters;
 pub mod desired;
 pub mod health;
 pub mod iface;

@@ -13,7 +13,9 @@ use aya::{
     maps::MapInfo,
     programs::{
         SchedClassifier, TcAttachType, TestRun, TestRunOptions, TestRunResult, Xdp, XdpMode,
-        tc::SchedClassifierLinkId, xdp::XdpLinkId,
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
+        xdp::XdpLink,
     },
 };
 use proxy_common::{
@@ -44,6 +46,23 @@ pub enum Hook {
     Tc,
     /// XDP: right for NICs with a native driver; slow on veth (it copies every packet).
     Xdp,
+}
+
+impl Hook {
+    /// The name in link pin file names.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Tc => "tc",
+            Self::Xdp => "xdp",
+        }
+    }
+
+    fn other(self) -> Self {
+        match self {
+            Self::Tc => Self::Xdp,
+            Self::Xdp => Self::Tc,
+        }
+    }
 }
 
 /// Map sizes and the Maglev table size, set at load time.
@@ -115,6 +134,8 @@ pub enum LoadError {
         name: &'static str,
         source: aya::programs::ProgramError,
     },
+    #[error("cannot pin the link at {path}: {error}")]
+    PinLink { path: PathBuf, error: String },
     #[error("map {name} is missing from the eBPF object")]
     MissingMap { name: &'static str },
     #[error("attaching {hook:?} to {iface} failed: {source}{hint}")]
@@ -126,11 +147,17 @@ pub enum LoadError {
     },
 }
 
-/// Where a program is attached, so it can be detached cleanly.
-enum Attachment {
-    Tc(SchedClassifierLinkId),
-    Xdp(XdpLinkId),
+/// One interface's attachment: a bpf link pinned under the pin directory, so the program stays
+/// attached when svcproxy exits or is killed, and the next svcproxy replaces the program in
+/// the same link (one atomic `BPF_LINK_UPDATE`: no packet sees no program).
+struct Attachment {
+    /// Keeps the link open while we run; the pin keeps it attached after.
+    _link: FdLink,
+    pin: PathBuf,
 }
+
+/// The subdirectory of the pin directory holding the links, one file per interface and hook.
+const LINKS_DIR: &str = "links";
 
 /// The loaded programs and (pinned) maps.
 pub struct Datapath {
@@ -261,38 +288,129 @@ impl Datapath {
             .ok_or(LoadError::MissingMap { name })
     }
 
-    /// Attaches the datapath to `iface` with `hook`. Attaching twice is a no-op.
+    /// Where the link of `hook` on `iface` is pinned.
+    fn link_pin(&self, iface: &str, hook: Hook) -> PathBuf {
+        self.pin_dir
+            .join(LINKS_DIR)
+            .join(format!("{}-{iface}", hook.name()))
+    }
+
+    /// Attaches the datapath to `iface` with `hook`, or takes over the link an earlier svcproxy
+    /// pinned there (replacing its program atomically). Attaching twice is a no-op. A link of
+    /// the other hook on `iface` is removed: one datapath per interface.
     pub fn attach(&mut self, iface: &str, hook: Hook) -> Result<(), LoadError> {
         if self.attached.contains_key(iface) {
             return Ok(());
         }
-        let attachment = match hook {
-            Hook::Tc => {
-                let tc: &mut SchedClassifier = program(&mut self.ebpf, TC_PROGRAM)?;
-                tc.attach(iface, TcAttachType::Ingress)
-                    .map(Attachment::Tc)
-                    .map_err(|source| LoadError::Attach {
-                        iface: iface.to_owned(),
-                        hook,
-                        source,
-                        hint: " (tcx needs kernel >= 6.6; older kernels need a clsact qdisc)",
-                    })?
-            }
-            Hook::Xdp => {
-                let xdp: &mut Xdp = program(&mut self.ebpf, XDP_PROGRAM)?;
-                xdp.attach(iface, XdpMode::Default)
-                    .map(Attachment::Xdp)
-                    .map_err(|source| LoadError::Attach {
-                        iface: iface.to_owned(),
-                        hook,
-                        source,
-                        hint: " (if the driver lacks native XDP, use --hook tc)",
-                    })?
+        let pin = self.link_pin(iface, hook);
+        let links_dir = self.pin_dir.join(LINKS_DIR);
+        fs::create_dir_all(&links_dir).map_err(|source| LoadError::PinDir {
+            path: links_dir,
+            source,
+        })?;
+        let other = self.link_pin(iface, hook.other());
+        remove_link_pin(&other);
+
+        let attach_err = |source| LoadError::Attach {
+            iface: iface.to_owned(),
+            hook,
+            source,
+            hint: match hook {
+                Hook::Tc => " (tcx needs kernel >= 6.6)",
+                Hook::Xdp => " (if the driver lacks native XDP, use --hook tc)",
+            },
+        };
+        let pin_err = |error| LoadError::PinLink {
+            path: pin.clone(),
+            error,
+        };
+        let adopted = self.replace_in_pinned_link(iface, hook, &pin);
+        let link = match adopted {
+            Some(link) => link,
+            None => {
+                // No usable pinned link: a fresh attach, pinned before we rely on it.
+                let link: FdLink = match hook {
+                    Hook::Tc => {
+                        let tc: &mut SchedClassifier = program(&mut self.ebpf, TC_PROGRAM)?;
+                        let id = tc
+                            .attach(iface, TcAttachType::Ingress)
+                            .map_err(attach_err)?;
+                        let link = tc.take_link(id).map_err(attach_err)?;
+                        FdLink::try_from(link).map_err(|e| pin_err(e.to_string()))?
+                    }
+                    Hook::Xdp => {
+                        let xdp: &mut Xdp = program(&mut self.ebpf, XDP_PROGRAM)?;
+                        let id = xdp.attach(iface, XdpMode::Default).map_err(attach_err)?;
+                        let link = xdp.take_link(id).map_err(attach_err)?;
+                        FdLink::try_from(link).map_err(|e| pin_err(e.to_string()))?
+                    }
+                };
+                let pinned = link.pin(&pin).map_err(|e| pin_err(e.to_string()))?;
+                tracing::info!(iface, ?hook, "attached");
+                FdLink::from(pinned)
             }
         };
-        tracing::info!(iface, ?hook, "attached");
-        self.attached.insert(iface.to_owned(), attachment);
+        self.attached
+            .insert(iface.to_owned(), Attachment { _link: link, pin });
         Ok(())
+    }
+
+    /// Puts this process's program into the link pinned at `pin`, if there is one that still
+    /// works. A link whose interface was deleted (and maybe re-created under the same name)
+    /// is defunct: its pin is removed and `None` returned, for a fresh attach.
+    fn replace_in_pinned_link(&mut self, iface: &str, hook: Hook, pin: &Path) -> Option<FdLink> {
+        if !pin.exists() {
+            return None;
+        }
+        let replaced: Result<FdLink, String> = (|| {
+            let link: FdLink = PinnedLink::from_pin(pin).map_err(|e| e.to_string())?.into();
+            match hook {
+                Hook::Tc => {
+                    let tc: &mut SchedClassifier =
+                        program(&mut self.ebpf, TC_PROGRAM).map_err(|e| e.to_string())?;
+                    let link = SchedClassifierLink::try_from(link).map_err(|e| e.to_string())?;
+                    let id = tc.attach_to_link(link).map_err(|e| e.to_string())?;
+                    let link = tc.take_link(id).map_err(|e| e.to_string())?;
+                    FdLink::try_from(link).map_err(|e| e.to_string())
+                }
+                Hook::Xdp => {
+                    let xdp: &mut Xdp =
+                        program(&mut self.ebpf, XDP_PROGRAM).map_err(|e| e.to_string())?;
+                    let link = XdpLink::try_from(link).map_err(|e| e.to_string())?;
+                    let id = xdp.attach_to_link(link).map_err(|e| e.to_string())?;
+                    let link = xdp.take_link(id).map_err(|e| e.to_string())?;
+                    FdLink::try_from(link).map_err(|e| e.to_string())
+                }
+            }
+        })();
+        match replaced {
+            Ok(link) => {
+                tracing::info!(iface, ?hook, "took over the pinned link (program replaced)");
+                Some(link)
+            }
+            Err(e) => {
+                tracing::info!(iface, ?hook, "pinned link not usable ({e}); attaching anew");
+                remove_link_pin(pin);
+                None
+            }
+        }
+    }
+
+    /// Removes the pinned links of interfaces this run did not attach to (no longer matched
+    /// by `--interfaces`, or gone): a pin would keep such a link, and its program, forever.
+    pub fn prune_links(&mut self) {
+        let dir = self.pin_dir.join(LINKS_DIR);
+        let Ok(entries) = fs::read_dir(&dir) else {
+            return;
+        };
+        let kept: Vec<&Path> = self.attached.values().map(|a| a.pin.as_path()).collect();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if !kept.contains(&path.as_path()) {
+                tracing::info!(link = %path.display(), "detaching a link this run does not use");
+                remove_link_pin(&path);
+            }
+        }
     }
 
     /// Runs one of the programs on a packet with BPF_PROG_TEST_RUN (tests and benchmarks).
@@ -325,22 +443,30 @@ impl Datapath {
         Ok(prog)
     }
 
-    /// Detaches from every interface. Maps stay pinned so a restart adopts them.
-    pub fn detach_all(&mut self) {
-        for (iface, attachment) in std::mem::take(&mut self.attached) {
-            let res = match attachment {
-                Attachment::Tc(id) => program::<SchedClassifier>(&mut self.ebpf, TC_PROGRAM)
-                    .map(|p| p.detach(id).map_err(|e| e.to_string())),
-                Attachment::Xdp(id) => program::<Xdp>(&mut self.ebpf, XDP_PROGRAM)
-                    .map(|p| p.detach(id).map_err(|e| e.to_string())),
-            };
-            match res {
-                Ok(Ok(())) => tracing::info!(iface, "detached"),
-                // The interface may be gone already (pod deleted): nothing left to detach.
-                Ok(Err(e)) => tracing::debug!(iface, "detach: {e}"),
-                Err(e) => tracing::warn!(iface, "detach: {e}"),
-            }
+    /// Detaches from `iface` (its pinned link is removed). Not done on exit: the links stay so
+    /// traffic keeps flowing until the next svcproxy takes them over.
+    pub fn detach(&mut self, iface: &str) {
+        if let Some(a) = self.attached.remove(iface) {
+            remove_link_pin(&a.pin);
+            tracing::info!(iface, "detached");
         }
+    }
+
+    /// Detaches from every interface (see [`detach`](Self::detach)).
+    pub fn detach_all(&mut self) {
+        let ifaces: Vec<String> = self.attached.keys().cloned().collect();
+        for iface in ifaces {
+            self.detach(&iface);
+        }
+    }
+}
+
+/// Removes a link pin; once no process holds the link either, the kernel detaches it.
+fn remove_link_pin(path: &Path) {
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(link = %path.display(), "cannot remove link pin: {e}"),
     }
 }
 
@@ -364,6 +490,38 @@ fn prepare_pin_dir(dir: &Path) -> Result<(), LoadError> {
     };
     fs::create_dir_all(dir).map_err(pin_err)?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(pin_err)?;
+    ensure_bpffs(dir)
+}
+
+/// Removes everything svcproxy pinned in `dir`: the links first (which detaches the programs
+/// from every interface, as no process holds them after svcproxy exited), then the maps, which
+/// drops every flow's state. What kube-proxy's `--cleanup` is to its rules. Returns false if
+/// there was nothing to remove. Refuses a directory that is not on bpffs, so a wrong
+/// `--pin-path` cannot delete ordinary files.
+pub fn cleanup(dir: &Path) -> Result<bool, LoadError> {
+    if !dir.exists() {
+        return Ok(false);
+    }
+    ensure_bpffs(dir)?;
+    let remove = |path: &Path| {
+        fs::remove_dir_all(path).or_else(|e| match e.kind() {
+            io::ErrorKind::NotFound => Ok(()),
+            _ => Err(LoadError::PinDir {
+                path: path.to_owned(),
+                source: e,
+            }),
+        })
+    };
+    remove(&dir.join(LINKS_DIR))?;
+    remove(dir)?;
+    Ok(true)
+}
+
+fn ensure_bpffs(dir: &Path) -> Result<(), LoadError> {
+    let pin_err = |source| LoadError::PinDir {
+        path: dir.to_owned(),
+        source,
+    };
     let c_path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
         .map_err(|e| pin_err(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
     // SAFETY: statfs on a NUL-terminated path into a zeroed, properly sized struct.

@@ -23,8 +23,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load the datapath, attach it, and keep its maps in sync with the Services.
+    /// Load the datapath, attach it, and keep its maps in sync with the Services. The programs
+    /// stay attached and the maps pinned when it exits, for the next start to take over.
     Run(RunArgs),
+    /// Detach the datapath from every interface and remove its pinned maps (live flows are
+    /// lost): for uninstalling, with svcproxy stopped.
+    Cleanup {
+        /// The bpffs directory `svcproxy run` pinned into.
+        #[arg(long, default_value = "/sys/fs/bpf/svcproxy")]
+        pin_path: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -134,6 +142,17 @@ fn main() -> ExitCode {
                 .map_err(anyhow::Error::from)
                 .and_then(|rt| rt.block_on(run(opts)).map_err(anyhow::Error::from))
         }
+        Command::Cleanup { pin_path } => match svcproxy::loader::cleanup(&pin_path) {
+            Ok(true) => {
+                tracing::info!(pin_path = %pin_path.display(), "detached and removed");
+                Ok(())
+            }
+            Ok(false) => {
+                tracing::info!(pin_path = %pin_path.display(), "nothing pinned there");
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

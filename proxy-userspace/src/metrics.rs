@@ -102,6 +102,11 @@ pub struct DatapathSnapshot {
     pub maps: Vec<MapUsage>,
 }
 
+/// Where the collector reads the datapath's counters at scrape time.
+pub trait DatapathReader: Send + Sync {
+    fn read(&self) -> Result<DatapathSnapshot, String>;
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ReasonLabel {
     reason: String,
@@ -318,6 +323,16 @@ impl Metrics {
         self.datapath.set(snapshot);
     }
 
+    /// From now on every scrape reads the datapath counters from `reader`; a failed read is
+    /// logged and the last good values are shown.
+    pub fn set_datapath_reader(&self, reader: Box<dyn DatapathReader>) {
+        *self
+            .datapath
+            .reader
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(reader);
+    }
+
     /// A map write failed; `reason` is a short fixed word ("full", "einval", ...), never an
     /// object name, to keep the label set small.
     pub fn write_failure(&self, reason: &str) {
@@ -406,12 +421,33 @@ struct Aggregated {
 /// Exposes the datapath's counters. The kernel keeps the running totals, so these are
 /// counters whose value is set from a snapshot, which prometheus-client's `Counter` cannot do:
 /// a collector emits them as constant counters on each scrape.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct DatapathCollector {
     snapshot: Mutex<Option<Aggregated>>,
+    reader: Mutex<Option<Box<dyn DatapathReader>>>,
+}
+
+impl std::fmt::Debug for DatapathCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatapathCollector")
+            .field("snapshot", &self.snapshot)
+            .finish_non_exhaustive()
+    }
 }
 
 impl DatapathCollector {
+    /// Reads the datapath into the snapshot, if there is a reader.
+    fn refresh(&self) {
+        let reader = self.reader.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(reader) = reader.as_ref() else {
+            return;
+        };
+        match reader.read() {
+            Ok(snapshot) => self.set(snapshot),
+            Err(e) => tracing::warn!("reading the datapath counters failed: {e}"),
+        }
+    }
+
     fn set(&self, snapshot: DatapathSnapshot) {
         let mut services: BTreeMap<ServiceLabels, SvcStats> = BTreeMap::new();
         for (labels, stats) in snapshot.services {
@@ -452,6 +488,7 @@ fn service_label_set(l: &ServiceLabels) -> [(&'static str, &str); 3] {
 
 impl Collector for DatapathCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        self.refresh();
         let guard = self.snapshot.lock().unwrap_or_else(PoisonError::into_inner);
         // Before the first snapshot the families are described but have no samples: a zero
         // would claim the datapath was read.
@@ -748,6 +785,43 @@ mod tests {
             ),
             Some(0.0)
         );
+    }
+
+    struct Counting {
+        reads: std::sync::atomic::AtomicU64,
+        fail: std::sync::atomic::AtomicBool,
+    }
+
+    impl DatapathReader for Arc<Counting> {
+        fn read(&self) -> Result<DatapathSnapshot, String> {
+            use std::sync::atomic::Ordering::SeqCst;
+            if self.fail.load(SeqCst) {
+                return Err("map gone".into());
+            }
+            let n = self.reads.fetch_add(1, SeqCst) + 1;
+            let mut outcomes = [0u64; OUTCOME_COUNT];
+            outcomes[STAT_FWD_NEW as usize] = n;
+            Ok(DatapathSnapshot {
+                outcomes,
+                ..DatapathSnapshot::default()
+            })
+        }
+    }
+
+    #[test]
+    fn a_datapath_reader_is_read_on_every_scrape_and_a_failed_read_keeps_the_last_values() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let m = Metrics::new();
+        let counting = Arc::new(Counting {
+            reads: 0.into(),
+            fail: false.into(),
+        });
+        m.set_datapath_reader(Box::new(counting.clone()));
+        let line = "svcproxy_datapath_packets_total{outcome=\"fwd_new\"}";
+        assert_eq!(sample(&m.encode(), line), Some(1.0));
+        assert_eq!(sample(&m.encode(), line), Some(2.0));
+        counting.fail.store(true, SeqCst);
+        assert_eq!(sample(&m.encode(), line), Some(2.0));
     }
 
     #[test]

@@ -6,8 +6,8 @@
 //! window, snapshot, plan, apply }. Before the first complete list nothing is written, so after
 //! a restart the adopted pinned maps keep serving exactly what they served; when the source
 //! loses the API server nothing is notified and nothing is written either. SIGINT/SIGTERM
-//! fire the one shutdown signal every task watches; the programs are detached and the maps stay
-//! pinned for the next start.
+//! fire the one shutdown signal every task watches; the programs stay attached through their
+//! pinned links and the maps stay pinned, for the next start to take over without a gap.
 
 use std::{
     collections::HashSet,
@@ -27,14 +27,15 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    counters::{CounterReader, Directory, SharedDirectory},
     health::{self, HealthState},
     iface,
     kernel_maps::{KernelMaps, OpenError, StatsReader},
     loader::{Datapath, Hook, LoadError, MapSizes},
-    metrics::{DatapathSnapshot, Metrics},
+    metrics::Metrics,
     planner::{self, PlanInput, PlanOptions},
     source::{
-        self, Store,
+        self, ChangeTotals, Store,
         kube::{KubeOptions, KubeSourceError},
     },
     writer::{MapOps, MapWriter, WriteError, WriterConfig},
@@ -44,9 +45,6 @@ use crate::{
 const RETRY_FAILED_WRITE: Duration = Duration::from_secs(1);
 /// While the source is not ready, how often to say we are still waiting.
 const READY_NAG: Duration = Duration::from_secs(10);
-/// How often the datapath's outcome counters are copied into `/metrics`: a scrape interval is
-/// typically 15-60 s, and a read is one syscall per outcome.
-const COUNTERS_REFRESH: Duration = Duration::from_secs(1);
 
 /// Which source `svcproxy run` follows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -209,36 +207,41 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     if ifaces.is_empty() {
         return Err(RunError::NoInterface(opts.interfaces.clone()));
     }
+    // A failure here leaves the interfaces already done attached: they run this build's
+    // program on the pinned maps, which is what the previous run served. Tearing down working
+    // traffic because one interface failed would be worse.
     for name in &ifaces {
-        if let Err(e) = dp.attach(name, opts.hook) {
-            dp.detach_all();
-            return Err(e.into());
-        }
+        dp.attach(name, opts.hook)?;
     }
+    dp.prune_links();
     let logs = dp
         .take_logger()
         .map(|logger| tokio::spawn(drain_logs(logger)));
-    let counters = match StatsReader::take(&mut dp) {
-        Ok(reader) => tokio::spawn(refresh_counters(reader, metrics.clone(), shutdown.clone())),
-        Err(e) => {
-            dp.detach_all();
-            return Err(RunError::OpenMaps(e));
+    let directory = SharedDirectory::default();
+    match StatsReader::take(&mut dp) {
+        Ok(stats) => {
+            metrics.set_datapath_reader(Box::new(CounterReader::new(stats, directory.clone())))
         }
-    };
+        Err(e) => return Err(RunError::OpenMaps(e)),
+    }
     let mut syncer = Syncer {
         node_name: opts.node_name.clone(),
         plan_options: PlanOptions::default(),
+        sizes: opts.sizes,
         reported: HashSet::new(),
         metrics,
         health,
+        directory,
+        totals: ChangeTotals::default(),
     };
     let result = sync_loop(&mut dp, &opts, store, &mut syncer, &shutdown).await;
     shutdown.cancel();
-    dp.detach_all();
+    // The links stay: the programs keep serving from the pinned maps until the next svcproxy
+    // takes them over (`svcproxy cleanup` removes them).
+    drop(dp);
     if let Some(task) = logs {
         task.abort();
     }
-    let _ = counters.await;
     signals.abort();
     // In-flight health and metrics requests get their grace period.
     let _ = http.await;
@@ -259,33 +262,6 @@ fn watch_signals(shutdown: CancellationToken) -> Result<tokio::task::JoinHandle<
         tracing::info!("{name}: stopping");
         shutdown.cancel();
     }))
-}
-
-/// Copies the datapath's per-CPU outcome counters (summed) into the metrics until shutdown. A
-/// failed read is logged once and retried; the last good values stay exported.
-async fn refresh_counters(reader: StatsReader, metrics: Arc<Metrics>, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(COUNTERS_REFRESH);
-    let mut failing = false;
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        match reader.read() {
-            Ok(outcomes) => {
-                failing = false;
-                metrics.set_datapath_snapshot(DatapathSnapshot {
-                    outcomes,
-                    ..DatapathSnapshot::default()
-                });
-            }
-            Err(e) if !failing => {
-                failing = true;
-                tracing::warn!("reading the datapath counters failed: {e}");
-            }
-            Err(_) => {}
-        }
-    }
 }
 
 /// Forwards the datapath's (rare) log records to our log as they arrive.
@@ -351,7 +327,10 @@ async fn sync_loop(
         let retry = failed.then(|| tokio::time::Instant::now() + RETRY_FAILED_WRITE);
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = store.changed() => syncer.health.queued(SystemTime::now()),
+            _ = store.changed() => {
+                syncer.health.queued(SystemTime::now());
+                syncer.count_changes(&store);
+            }
             _ = sleep_until(retry) => {}
         }
         // Batch a burst of changes into one plan.
@@ -365,7 +344,7 @@ async fn sync_loop(
 
 async fn stop(store: Store) -> Result<(), RunError> {
     store.stopped().await;
-    tracing::info!("stopping; maps stay pinned for the next start");
+    tracing::info!("stopping; the datapath stays attached and pinned for the next start");
     Ok(())
 }
 
@@ -386,12 +365,31 @@ struct Syncer {
     reported: HashSet<String>,
     metrics: Arc<Metrics>,
     health: HealthState,
+    sizes: MapSizes,
+    /// Names per service id for the counters, replaced after every sync.
+    directory: SharedDirectory,
+    /// Change totals already added to the metrics' counters.
+    totals: ChangeTotals,
 }
 
 impl Syncer {
+    /// Brings the change metrics (pending gauges, total counters) up to date.
+    fn count_changes(&mut self, store: &Store) {
+        let (pending, totals) = store.counts();
+        self.metrics
+            .set_pending(pending.endpoints, pending.services);
+        self.metrics.add_changes(
+            totals.endpoints.saturating_sub(self.totals.endpoints),
+            totals.services.saturating_sub(self.totals.services),
+        );
+        self.totals = totals;
+    }
+
     /// Returns true if some write failed (a full map) and should be retried.
     fn once<M: MapOps>(&mut self, store: &mut Store, writer: &mut MapWriter<M>) -> bool {
         let started = Instant::now();
+        // Before the snapshot: what is taken is in it (see `Store::take_pending`).
+        let changes = store.take_pending();
         let state = store.snapshot();
         if let Some(node) = &state.node {
             self.health
@@ -414,12 +412,26 @@ impl Syncer {
         }
         self.reported = rejections;
         let stats = writer.apply(&desired);
+        *self
+            .directory
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Directory::of(writer, &desired, &self.sizes);
         if stats.failed == 0 {
             // Everything queued before the snapshot is programmed now.
             let now = SystemTime::now();
             self.metrics.observe_sync(started.elapsed(), now);
             self.health.programmed(now);
+            if let Some(since) = changes.since {
+                self.metrics.observe_event_to_map(since.elapsed());
+            }
+            for trigger in &changes.triggers {
+                self.metrics.observe_network_programming(*trigger, now);
+            }
+        } else {
+            store.restore_pending(changes);
         }
+        self.count_changes(store);
         if stats.frontends_written + stats.frontends_removed + stats.failed == 0 {
             tracing::debug!(frontends = desired.frontends.len(), "no change");
         } else {

@@ -120,6 +120,15 @@ pub struct ApplyStats {
     pub failed: usize,
 }
 
+/// Entries per writer-owned map, see [`MapWriter::usage`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriterUsage {
+    pub frontends: u64,
+    pub slots: u64,
+    pub backends: u64,
+    pub maglev: u64,
+}
+
 pub struct MapWriter<M> {
     maps: M,
     written: BTreeMap<Frontend, Written>,
@@ -306,6 +315,28 @@ impl<M: MapOps> MapWriter<M> {
     /// Number of frontends currently written.
     pub fn frontend_count(&self) -> usize {
         self.written.len()
+    }
+
+    /// The service id of every frontend in the maps (per-Service counters are indexed by it).
+    pub fn service_ids(&self) -> impl Iterator<Item = (&Frontend, u32)> {
+        self.written
+            .iter()
+            .filter(|(_, w)| w.in_map)
+            .map(|(fe, w)| (fe, w.svc_id))
+    }
+
+    /// Entries the writer keeps in each map it owns. Counted from its own bookkeeping, which
+    /// equals the maps' contents after a successful apply: counting in the kernel would take a
+    /// syscall per entry.
+    pub fn usage(&self) -> WriterUsage {
+        let mut usage = WriterUsage::default();
+        for w in self.written.values() {
+            usage.frontends += u64::from(w.in_map);
+            usage.slots += w.slots.len() as u64;
+            usage.backends += w.backends.len() as u64;
+            usage.maglev += w.maglev.len() as u64;
+        }
+        usage
     }
 
     /// Makes the maps hold `desired`. A frontend whose write fails is left consistent (its old
@@ -1590,6 +1621,29 @@ mod tests {
                 service("dns", &[active("10.244.9.1", 53), active("10.244.9.2", 53)]),
             ),
         ])
+    }
+
+    #[test]
+    fn usage_and_service_ids_match_the_maps_after_an_apply() {
+        let mut w = fresh();
+        apply_ok(&mut w, &two_services());
+        let m = &w.maps;
+        let want = WriterUsage {
+            frontends: m.frontends.len() as u64,
+            slots: m.slots.len() as u64,
+            backends: m.backends.len() as u64,
+            maglev: m.maglev.len() as u64,
+        };
+        assert_eq!(w.usage(), want);
+        assert_eq!((want.frontends, want.slots, want.backends), (2, 4, 5));
+        let ids: BTreeMap<Frontend, u32> = w.service_ids().map(|(fe, id)| (*fe, id)).collect();
+        assert_eq!(ids[&web()], m.service(&web()).svc_id);
+        assert_eq!(ids[&dns()], m.service(&dns()).svc_id);
+        assert_eq!(ids.len(), 2);
+
+        apply_ok(&mut w, &Desired::default());
+        assert_eq!(w.usage(), WriterUsage::default());
+        assert_eq!(w.service_ids().count(), 0);
     }
 
     /// Maps as an earlier svcproxy left them after applying `d`.

@@ -16,7 +16,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use futures::StreamExt as _;
@@ -38,7 +38,8 @@ use thiserror::Error;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{Changes, ClusterState, NodeState, Source, Store};
+use super::{ChangeKind, Changes, ClusterState, NodeState, Source, Store};
+use crate::metrics::{LAST_CHANGE_TRIGGER_TIME_ANNOTATION, parse_trigger_time};
 
 /// kube-proxy's Service selector: headless Services have no virtual IP, and Services labelled
 /// with a service-proxy name belong to another proxy.
@@ -224,6 +225,8 @@ async fn follow<K>(
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + Trim + 'static,
 {
     let mut errors = ErrorLog::new(ERROR_LOG_INTERVAL);
+    // The trigger times of a list in progress.
+    let mut listed: Vec<Option<SystemTime>> = Vec::new();
     // The backoff never gives up, so the stream never ends; should it anyway, a fresh one
     // starts (with a pause, so a bug cannot spin) rather than silently freezing this kind.
     loop {
@@ -265,8 +268,15 @@ async fn follow<K>(
             }
             writer.apply_watcher_event(&event);
             match event {
-                watcher::Event::Apply(_) | watcher::Event::Delete(_) => changes.notify(),
+                watcher::Event::Apply(o) | watcher::Event::Delete(o) => {
+                    changes.record(K::CHANGE, o.trigger_time());
+                }
                 watcher::Event::InitDone => {
+                    // Counted only now that they are visible, so a sync that takes the count
+                    // also has the objects.
+                    for trigger in listed.drain(..) {
+                        changes.count(K::CHANGE, trigger);
+                    }
                     if !ready.swap(true, Ordering::AcqRel) {
                         tracing::info!(
                             kind,
@@ -277,8 +287,10 @@ async fn follow<K>(
                     changes.notify();
                 }
                 // The store changes only at InitDone, when the relisted set replaces the old
-                // one at once (so a relist never shows a half-listed store).
-                watcher::Event::Init | watcher::Event::InitApply(_) => {}
+                // one at once (so a relist never shows a half-listed store); each listed
+                // object counts as a change then, as in kube-proxy.
+                watcher::Event::InitApply(o) => listed.push(o.trigger_time()),
+                watcher::Event::Init => listed.clear(),
             }
         }
         tracing::error!(kind, "watch stream ended unexpectedly; restarting it");
@@ -290,9 +302,15 @@ async fn follow<K>(
 }
 
 /// Drops what the proxy never reads before an object is stored: every node keeps a copy of
-/// every Service and EndpointSlice, so this is most of the proxy's memory.
+/// every Service and EndpointSlice, so this is most of the proxy's memory. Also says how a
+/// change to the object is counted.
 trait Trim {
+    const CHANGE: ChangeKind;
     fn trim(&mut self);
+    /// When the change that caused this version of the object happened, if it says.
+    fn trigger_time(&self) -> Option<SystemTime> {
+        None
+    }
 }
 
 fn trim_meta<K: Resource>(object: &mut K) {
@@ -304,6 +322,7 @@ fn trim_meta<K: Resource>(object: &mut K) {
 }
 
 impl Trim for Service {
+    const CHANGE: ChangeKind = ChangeKind::Service;
     fn trim(&mut self) {
         trim_meta(self);
         // Load-balancer status is kept: its ingress IPs are frontends.
@@ -311,12 +330,25 @@ impl Trim for Service {
 }
 
 impl Trim for EndpointSlice {
+    const CHANGE: ChangeKind = ChangeKind::EndpointSlice;
     fn trim(&mut self) {
         trim_meta(self);
+    }
+    fn trigger_time(&self) -> Option<SystemTime> {
+        let value = self
+            .metadata
+            .annotations
+            .as_ref()?
+            .get(LAST_CHANGE_TRIGGER_TIME_ANNOTATION)?;
+        // A malformed stamp costs one histogram sample, not the change: debug, not warn.
+        parse_trigger_time(value)
+            .inspect_err(|e| tracing::debug!("{e}"))
+            .ok()
     }
 }
 
 impl Trim for Node {
+    const CHANGE: ChangeKind = ChangeKind::Other;
     fn trim(&mut self) {
         trim_meta(self);
         // Labels, deletion time and taints are read; the status (images, conditions) is large.

@@ -10,7 +10,10 @@
 pub mod kube;
 pub mod manifests;
 
-use std::sync::Arc;
+use std::{
+    sync::{Arc, Mutex, PoisonError},
+    time::{Instant, SystemTime},
+};
 
 use k8s_openapi::api::{
     core::v1::{Node, Service},
@@ -97,17 +100,97 @@ pub trait Source: Send + Sync + 'static {
     fn snapshot(&self) -> ClusterState;
 }
 
-/// The sending side of a [`Store`]'s change notification, held by the source's tasks.
+/// What a change was to, for kube-proxy's change counters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeKind {
+    Service,
+    EndpointSlice,
+    /// The Node, or a source that only knows that something changed (manifests).
+    Other,
+}
+
+/// Trigger times kept per sync at most: a change storm while writes fail must not grow
+/// memory without bound; the network-programming histogram then misses the newest ones.
+const MAX_TRIGGERS: usize = 10_000;
+
+/// Changes received and not yet programmed, and the running totals.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Pending {
+    pub services: u64,
+    pub endpoints: u64,
+    /// When the oldest of them arrived.
+    pub since: Option<Instant>,
+    /// `endpoints.kubernetes.io/last-change-trigger-time` of the EndpointSlice changes that
+    /// carried one (from after this process started).
+    pub triggers: Vec<SystemTime>,
+}
+
+impl Pending {
+    fn add(&mut self, kind: ChangeKind, trigger: Option<SystemTime>, now: Instant) {
+        match kind {
+            ChangeKind::Service => self.services += 1,
+            ChangeKind::EndpointSlice => self.endpoints += 1,
+            ChangeKind::Other => {}
+        }
+        self.since.get_or_insert(now);
+        if let Some(t) = trigger
+            && self.triggers.len() < MAX_TRIGGERS
+        {
+            self.triggers.push(t);
+        }
+    }
+
+    /// Puts back changes taken by a sync that failed, ahead of the ones that came since.
+    fn merge_older(&mut self, mut older: Pending) {
+        self.services += older.services;
+        self.endpoints += older.endpoints;
+        self.since = older.since.or(self.since);
+        older.triggers.append(&mut self.triggers);
+        older.triggers.truncate(MAX_TRIGGERS);
+        self.triggers = older.triggers;
+    }
+}
+
+/// Changes received since the start, by kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChangeTotals {
+    pub services: u64,
+    pub endpoints: u64,
+}
+
+#[derive(Debug)]
+struct Ledger {
+    pending: Pending,
+    totals: ChangeTotals,
+    /// Trigger times before this are of changes made before we ran: the datapath we adopted
+    /// may have programmed them long ago, so their age says nothing about us (kube-proxy
+    /// filters them the same way).
+    started: SystemTime,
+}
+
+/// The sending side of a [`Store`]'s change notification, held by the source's tasks, with
+/// the ledger of what changed.
 #[derive(Clone, Debug)]
 pub struct Changes {
     tx: watch::Sender<u64>,
+    ledger: Arc<Mutex<Ledger>>,
 }
 
 impl Changes {
     pub fn new() -> Self {
         Self {
             tx: watch::Sender::new(0),
+            ledger: Arc::new(Mutex::new(Ledger {
+                pending: Pending::default(),
+                totals: ChangeTotals::default(),
+                started: SystemTime::now(),
+            })),
         }
+    }
+
+    fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        // Every update leaves the ledger whole, so a poisoned lock is still good to use.
+        self.ledger.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Tells the reader that the source's objects (or its readiness) changed. Call it after
@@ -116,6 +199,26 @@ impl Changes {
     pub fn notify(&self) {
         self.tx
             .send_modify(|generation| *generation = generation.wrapping_add(1));
+    }
+
+    /// Counts one change (visible through [`Source::snapshot`] already) without notifying:
+    /// for the items of a list, notified once at its end.
+    pub fn count(&self, kind: ChangeKind, trigger: Option<SystemTime>) {
+        let now = Instant::now();
+        let mut ledger = self.ledger();
+        let trigger = trigger.filter(|t| *t >= ledger.started);
+        ledger.pending.add(kind, trigger, now);
+        match kind {
+            ChangeKind::Service => ledger.totals.services += 1,
+            ChangeKind::EndpointSlice => ledger.totals.endpoints += 1,
+            ChangeKind::Other => {}
+        }
+    }
+
+    /// [`count`](Self::count), then [`notify`](Self::notify).
+    pub fn record(&self, kind: ChangeKind, trigger: Option<SystemTime>) {
+        self.count(kind, trigger);
+        self.notify();
     }
 }
 
@@ -130,9 +233,9 @@ impl Default for Changes {
 pub struct Store {
     source: Arc<dyn Source>,
     rx: watch::Receiver<u64>,
-    /// Kept so the receiver can never see a closed channel: [`Store::changed`] then has no
-    /// error case, whatever happens to the source's tasks.
-    _tx: Changes,
+    /// The sources' side, kept so the receiver never sees a closed channel ([`Store::changed`]
+    /// then has no error case, whatever happens to the source's tasks), and for its ledger.
+    changes: Changes,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -142,7 +245,7 @@ impl Store {
         Self {
             source,
             rx: changes.tx.subscribe(),
-            _tx: changes,
+            changes,
             tasks,
         }
     }
@@ -178,6 +281,27 @@ impl Store {
     pub fn snapshot(&mut self) -> ClusterState {
         self.rx.borrow_and_update();
         self.source.snapshot()
+    }
+
+    /// Takes the pending changes. Call it before [`snapshot`](Self::snapshot): a change is
+    /// counted after it is visible, so everything taken is in the snapshot that follows.
+    pub fn take_pending(&self) -> Pending {
+        std::mem::take(&mut self.changes.ledger().pending)
+    }
+
+    /// Returns changes taken by a sync whose writes failed: they are still not programmed.
+    pub fn restore_pending(&self, older: Pending) {
+        self.changes.ledger().pending.merge_older(older);
+    }
+
+    /// Pending changes (services, endpoints) and the totals so far.
+    pub fn counts(&self) -> (ChangeTotals, ChangeTotals) {
+        let ledger = self.changes.ledger();
+        let pending = ChangeTotals {
+            services: ledger.pending.services,
+            endpoints: ledger.pending.endpoints,
+        };
+        (pending, ledger.totals)
     }
 
     /// Waits for the source's tasks to end (after the shutdown signal fired).
@@ -269,6 +393,47 @@ mod tests {
             !resolves(store.changed()).await,
             "a snapshot includes what was notified before it"
         );
+    }
+
+    #[test]
+    fn the_ledger_counts_by_kind_keeps_recent_triggers_and_takes_back_a_failed_sync() {
+        let changes = Changes::new();
+        let store = Store::new(Arc::new(Fake::default()), changes.clone(), Vec::new());
+        let before_start = SystemTime::now() - Duration::from_secs(3600);
+        let recent = SystemTime::now() + Duration::from_millis(1);
+        changes.record(ChangeKind::Service, None);
+        changes.count(ChangeKind::EndpointSlice, Some(before_start));
+        changes.count(ChangeKind::EndpointSlice, Some(recent));
+        changes.record(ChangeKind::Other, None);
+        let (pending, totals) = store.counts();
+        assert_eq!((pending.services, pending.endpoints), (1, 2));
+        assert_eq!(pending, totals);
+
+        let first = store.take_pending();
+        assert_eq!(
+            first.triggers,
+            [recent],
+            "a trigger from before the start is not ours to measure"
+        );
+        let oldest = first.since.expect("changes were counted");
+        assert_eq!(store.counts().0, ChangeTotals::default());
+
+        changes.count(
+            ChangeKind::EndpointSlice,
+            Some(recent + Duration::from_secs(1)),
+        );
+        store.restore_pending(first);
+        let (pending, totals) = store.counts();
+        assert_eq!((pending.services, pending.endpoints), (1, 3));
+        assert_eq!((totals.services, totals.endpoints), (1, 3));
+        let again = store.take_pending();
+        assert_eq!(
+            again.since,
+            Some(oldest),
+            "the failed sync's changes are the oldest"
+        );
+        assert_eq!(again.triggers.len(), 2);
+        assert_eq!(again.triggers[0], recent);
     }
 
     #[test]
