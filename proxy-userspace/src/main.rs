@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 use svcproxy::{
     health::{DEFAULT_HEALTH_ADDR, DEFAULT_METRICS_ADDR},
     loader::{Hook, MapSizes},
+    planner::{Ipv4Cidr, PlanOptions},
     run::{RunOptions, SourceKind, SourceOptions, run},
 };
 use tracing_subscriber::EnvFilter;
@@ -71,6 +72,11 @@ struct RunArgs {
     /// the hostname.
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
+    /// Serve only the `spec.externalIPs` inside these comma-separated CIDRs (`none`: serve no
+    /// external IP). Default: all, as kube-proxy. Anyone who may create a Service can claim any
+    /// address as an external IP (CVE-2020-8554); this fences them.
+    #[arg(long, value_delimiter = ',', value_parser = parse_range)]
+    external_ip_ranges: Option<Vec<ExternalIpRange>>,
     /// Maximum number of frontends (Service address x port x protocol).
     #[arg(long, default_value_t = MapSizes::default().frontends)]
     max_frontends: u32,
@@ -116,8 +122,21 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            let external_ip_ranges = args.external_ip_ranges.map(|ranges| {
+                ranges
+                    .into_iter()
+                    .filter_map(|r| match r {
+                        ExternalIpRange::Cidr(c) => Some(c),
+                        ExternalIpRange::None => None,
+                    })
+                    .collect()
+            });
             let opts = RunOptions {
                 source,
+                plan: PlanOptions {
+                    external_ip_ranges,
+                    ..PlanOptions::default()
+                },
                 interfaces: args.interfaces,
                 hook: args.hook,
                 pin_path: args.pin_path,
@@ -160,6 +179,21 @@ fn main() -> ExitCode {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// One `--external-ip-ranges` item.
+#[derive(Clone, Copy, Debug)]
+enum ExternalIpRange {
+    None,
+    Cidr(Ipv4Cidr),
+}
+
+fn parse_range(text: &str) -> Result<ExternalIpRange, String> {
+    if text.trim() == "none" {
+        Ok(ExternalIpRange::None)
+    } else {
+        text.parse().map(ExternalIpRange::Cidr)
     }
 }
 

@@ -35,6 +35,9 @@ pub const LAST_CHANGE_TRIGGER_TIME_ANNOTATION: &str =
 pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
+/// The `result` labels of `svcproxy_sync_frontends_total`.
+pub const SYNC_RESULTS: [&str; 4] = ["written", "removed", "unchanged", "failed"];
+
 /// Outcome counters, one per `STAT_*` constant.
 pub const OUTCOME_COUNT: usize = STAT_COUNT as usize;
 
@@ -118,6 +121,11 @@ struct KindLabel {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct CodeLabel {
     code: String,
 }
@@ -159,6 +167,7 @@ pub struct Metrics {
     event_to_map: Histogram,
     write_failures: Family<ReasonLabel, Counter>,
     rejected: Family<KindLabel, Counter>,
+    sync_frontends: Family<ResultLabel, Counter>,
     datapath: Arc<DatapathCollector>,
 }
 
@@ -191,6 +200,10 @@ impl Metrics {
         let event_to_map = Histogram::new(EVENT_TO_MAP_BUCKETS);
         let write_failures = Family::default();
         let rejected = Family::default();
+        let sync_frontends: Family<ResultLabel, Counter> = Family::default();
+        for result in SYNC_RESULTS {
+            drop(sync_frontends.get_or_create(&ResultLabel { result }));
+        }
         let datapath = Arc::new(DatapathCollector::default());
 
         let mut registry = Registry::default();
@@ -263,6 +276,12 @@ impl Metrics {
                 "Objects (or parts of them) refused as invalid or unsupported, by kind",
                 rejected.clone(),
             );
+            sp.register(
+                "sync_frontends",
+                "Frontends per sync by what the sync did to them: written, removed, unchanged \
+                 or failed (a restart that adopts its maps writes none)",
+                sync_frontends.clone(),
+            );
             sp.register_collector(Box::new(Arc::clone(&datapath)));
         }
 
@@ -280,7 +299,17 @@ impl Metrics {
             event_to_map,
             write_failures,
             rejected,
+            sync_frontends,
             datapath,
+        }
+    }
+
+    /// What one sync did to the frontends: counts by [`SYNC_RESULTS`], in that order.
+    pub fn observe_sync_frontends(&self, counts: [u64; 4]) {
+        for (result, n) in SYNC_RESULTS.into_iter().zip(counts) {
+            self.sync_frontends
+                .get_or_create(&ResultLabel { result })
+                .inc_by(n);
         }
     }
 
@@ -572,6 +601,8 @@ mod tests {
         m.write_failure("full");
         m.rejected("Service");
         m.healthz_served(200);
+        m.observe_sync_frontends([2, 0, 5, 1]);
+        m.observe_sync_frontends([0, 1, 7, 0]);
         let text = m.encode();
         for name in [
             "# TYPE kubeproxy_sync_proxy_rules_duration_seconds histogram",
@@ -607,6 +638,15 @@ mod tests {
             sample(&text, "kubeproxy_proxy_healthz_total{code=\"200\"}"),
             Some(1.0)
         );
+        for (result, want) in SYNC_RESULTS.into_iter().zip([2.0, 1.0, 12.0, 1.0]) {
+            assert_eq!(
+                sample(
+                    &text,
+                    &format!("svcproxy_sync_frontends_total{{result=\"{result}\"}}")
+                ),
+                Some(want)
+            );
+        }
         assert!(text.ends_with("# EOF\n"));
         // No datapath samples before the first snapshot.
         assert!(!text.contains("svcproxy_datapath_packets_total{"));

@@ -7,8 +7,9 @@
 //! datapath needs more caution (hostile addresses, octal-looking IPs) the object is refused with
 //! a [`Rejection`] rather than skipped silently.
 //!
-//! Only IPv4 ClusterIP frontends are produced today. NodePort, externalIPs and load-balancer
-//! frontends slot in as further [`FrontendSource`]s, each with its traffic policy.
+//! IPv4 frontends from ClusterIPs, external IPs (fenced by [`PlanOptions::external_ip_ranges`])
+//! and load-balancer VIPs are produced; NodePorts slot in as a further [`FrontendSource`], with
+//! its traffic policy.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet, btree_map::Entry},
@@ -57,6 +58,45 @@ pub struct PlanOptions {
     /// Reserved: Services labelled [`LABEL_SERVICE_PROXY_NAME`] are ignored unless the label
     /// equals this. `None` (kube-proxy's behaviour) ignores every labelled Service.
     pub service_proxy_name: Option<String>,
+    /// Which `spec.externalIPs` are served: `None` all of them (kube-proxy's behaviour), else
+    /// only those inside one of these ranges (empty: none). Any user who can create a Service
+    /// can claim any address as an external IP (CVE-2020-8554); this is the operator's fence.
+    pub external_ip_ranges: Option<Vec<Ipv4Cidr>>,
+}
+
+/// An IPv4 prefix, as written in `--external-ip-ranges`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv4Cidr {
+    pub addr: Ipv4Addr,
+    pub len: u8,
+}
+
+impl Ipv4Cidr {
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        let mask = u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0);
+        u32::from(ip) & mask == u32::from(self.addr) & mask
+    }
+}
+
+impl std::str::FromStr for Ipv4Cidr {
+    type Err = String;
+
+    /// `a.b.c.d/n` or a bare address (a /32). Surrounding whitespace is allowed, as in
+    /// `loadBalancerSourceRanges`; leading zeros are not (they would read as octal elsewhere).
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let text = text.trim();
+        let (addr, len) = text.split_once('/').unwrap_or((text, "32"));
+        let addr = match parse_ip(addr) {
+            ParsedIp::V4(addr) => addr,
+            _ => return Err(format!("{text:?} is not an IPv4 address or CIDR")),
+        };
+        let len = len
+            .parse::<u8>()
+            .ok()
+            .filter(|l| *l <= 32 && (len == "0" || !len.starts_with('0')))
+            .ok_or_else(|| format!("{text:?}: prefix length must be 0-32"))?;
+        Ok(Self { addr, len })
+    }
 }
 
 /// Everything [`plan`] reads.
@@ -73,6 +113,11 @@ pub struct PlanInput<'a> {
 pub enum PlanError {
     #[error("metadata.name is missing; the object is ignored until it has one")]
     MissingName,
+    #[error(
+        "spec.externalIPs {addr} is outside the ranges this proxy serves external IPs from \
+         (--external-ip-ranges); not served"
+    )]
+    ExternalIpNotAllowed { addr: Ipv4Addr },
     #[error(
         "{field} {value:?} has a leading zero, which some parsers read as octal (CVE-2021-29923); \
          write it without leading zeros"
@@ -189,11 +234,15 @@ struct Planner<'a> {
     out: Desired,
 }
 
-/// Where a frontend address comes from; each source has its traffic policy. Only ClusterIP
-/// exists today; externalIPs, load-balancer IPs and NodePorts add variants here.
+/// Where a frontend address comes from; each source has its traffic policy. NodePorts add a
+/// variant here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum FrontendSource {
     ClusterIp,
+    /// `spec.externalIPs`.
+    ExternalIp,
+    /// `status.loadBalancer.ingress[].ip` with `ipMode` VIP (or unset).
+    LoadBalancer,
 }
 
 /// What a frontend inherits from its Service besides backends.
@@ -239,7 +288,18 @@ impl Planner<'_> {
             name: name.to_owned(),
         };
 
-        let addrs = self.cluster_ipv4s(svc, &service);
+        let mut addrs: Vec<(Ipv4Addr, FrontendSource)> = self
+            .cluster_ipv4s(svc, &service)
+            .into_iter()
+            .map(|a| (a, FrontendSource::ClusterIp))
+            .collect();
+        for (addr, source) in self.external_ipv4s(svc, &service, options) {
+            // The same address twice in one Service (an LB IP that is also an external IP)
+            // is one frontend, not a conflict with itself.
+            if !addrs.iter().any(|(a, _)| *a == addr) {
+                addrs.push((addr, source));
+            }
+        }
         let ports = self.service_ports(svc, &service);
         if addrs.is_empty() || ports.is_empty() {
             return;
@@ -252,8 +312,6 @@ impl Planner<'_> {
             .map(|slice| self.parse_slice(slice))
             .collect();
 
-        let source = FrontendSource::ClusterIp;
-        let policy = traffic_policy(svc, source);
         let traits = FrontendTraits {
             affinity_timeout_s: client_ip_affinity_timeout(svc),
             algorithm: self.algorithm(svc, &service),
@@ -261,15 +319,15 @@ impl Planner<'_> {
         };
         for port in &ports {
             let candidates = merge_endpoints(&parsed, &port.name, port.protocol);
-            let backends = select_backends(&candidates, policy, self.node);
             // kube-proxy's hasAnyEndpoints: with none usable anywhere, reject; with some usable
             // elsewhere but none for this traffic here, drop.
             let usable_anywhere = candidates
                 .iter()
                 .any(|c| c.endpoint.ready || (c.endpoint.serving && c.endpoint.terminating));
-            let drop_when_empty =
-                usable_anywhere && !backends.iter().any(|b| b.state == BackendState::Active);
-            for &addr in &addrs {
+            for &(addr, source) in &addrs {
+                let backends = select_backends(&candidates, traffic_policy(svc, source), self.node);
+                let drop_when_empty =
+                    usable_anywhere && !backends.iter().any(|b| b.state == BackendState::Active);
                 let frontend = Frontend {
                     addr,
                     port: port.port,
@@ -346,6 +404,72 @@ impl Planner<'_> {
             },
         };
         self.reject_service(&service.namespace, &service.name, error);
+    }
+
+    /// The IPv4 external IPs (allowed by the operator) and load-balancer VIPs of `svc`, refusing
+    /// bad literals and skipping other families.
+    fn external_ipv4s(
+        &mut self,
+        svc: &Service,
+        service: &ServiceName,
+        options: &PlanOptions,
+    ) -> Vec<(Ipv4Addr, FrontendSource)> {
+        let external = svc
+            .spec
+            .as_ref()
+            .and_then(|s| s.external_ips.as_deref())
+            .unwrap_or_default()
+            .iter()
+            .map(|v| ("spec.externalIPs", v.as_str(), FrontendSource::ExternalIp));
+        // `ipMode: Proxy`: the load balancer proxies to the nodes itself and must receive the
+        // traffic, so the VIP must not be intercepted.
+        let lb = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_deref())
+            .unwrap_or_default()
+            .iter()
+            .filter(|i| matches!(i.ip_mode.as_deref(), None | Some("VIP")))
+            .filter_map(|i| i.ip.as_deref())
+            .map(|v| {
+                (
+                    "status.loadBalancer.ingress.ip",
+                    v,
+                    FrontendSource::LoadBalancer,
+                )
+            });
+        let mut out = Vec::new();
+        for (field, value, source) in external.chain(lb) {
+            let error = match parse_ip(value) {
+                ParsedIp::V4(addr) => match special_class(addr) {
+                    Some(class) => PlanError::SpecialFrontendIp { field, addr, class },
+                    None if source == FrontendSource::ExternalIp
+                        && options
+                            .external_ip_ranges
+                            .as_ref()
+                            .is_some_and(|r| !r.iter().any(|c| c.contains(addr))) =>
+                    {
+                        PlanError::ExternalIpNotAllowed { addr }
+                    }
+                    None => {
+                        out.push((addr, source));
+                        continue;
+                    }
+                },
+                ParsedIp::V6 => continue,
+                ParsedIp::LeadingZero => PlanError::LeadingZeroIp {
+                    field,
+                    value: value.to_owned(),
+                },
+                ParsedIp::Invalid => PlanError::UnparseableIp {
+                    field,
+                    value: value.to_owned(),
+                },
+            };
+            self.reject_service(&service.namespace, &service.name, error);
+        }
+        out
     }
 
     /// The IPv4 ClusterIPs of `svc`, refusing bad literals and skipping other families.
@@ -705,6 +829,11 @@ fn traffic_policy(svc: &Service, source: FrontendSource) -> TrafficPolicy {
         FrontendSource::ClusterIp => {
             spec.and_then(|s| s.internal_traffic_policy.as_deref()) == Some("Local")
         }
+        // externalTrafficPolicy applies to traffic from outside the cluster only; pods reaching
+        // an external or LB IP use every endpoint (kube-proxy's "short-circuit"). The hooks
+        // see pod traffic, so that is the policy here; the node-facing hook that sees outside
+        // traffic gets frontends of its own scope.
+        FrontendSource::ExternalIp | FrontendSource::LoadBalancer => false,
     };
     let distribution = spec.and_then(|s| s.traffic_distribution.as_deref());
     let annotation = svc
@@ -1619,6 +1748,131 @@ mod tests {
                 ..Case::default()
             },
             Case {
+                name: "externalIPs and VIP-mode LB ingress are frontends; ipMode Proxy is not",
+                services: vec![with(
+                    web(),
+                    json!({
+                        "spec": { "externalIPs": ["203.0.113.5"] },
+                        "status": { "loadBalancer": { "ingress": [
+                            { "ip": "198.51.100.7" },
+                            { "ip": "198.51.100.8", "ipMode": "Proxy" },
+                            { "ip": "198.51.100.9", "ipMode": "VIP" },
+                            { "hostname": "lb.example.com" },
+                        ] } },
+                    }),
+                )],
+                slices: vec![web_slice("web-1", &[ep("10.1.0.1")])],
+                want: vec![
+                    "10.96.0.10:80/TCP dev/web => 10.1.0.1:8080",
+                    "198.51.100.7:80/TCP dev/web => 10.1.0.1:8080",
+                    "198.51.100.9:80/TCP dev/web => 10.1.0.1:8080",
+                    "203.0.113.5:80/TCP dev/web => 10.1.0.1:8080",
+                ],
+                ..Case::default()
+            },
+            Case {
+                name: "traffic policies: internal narrows the ClusterIP only, external never narrows pod traffic",
+                services: vec![with(
+                    web(),
+                    json!({
+                        "spec": {
+                            "internalTrafficPolicy": "Local",
+                            "externalTrafficPolicy": "Local",
+                            "externalIPs": ["203.0.113.5"],
+                        },
+                        "status": { "loadBalancer": { "ingress": [{ "ip": "198.51.100.7" }] } },
+                    }),
+                )],
+                slices: vec![web_slice(
+                    "web-1",
+                    &[ep("10.1.0.1").node("node-a"), ep("10.1.0.2").node("node-b")],
+                )],
+                want: vec![
+                    "10.96.0.10:80/TCP dev/web => 10.1.0.1:8080",
+                    "198.51.100.7:80/TCP dev/web => 10.1.0.1:8080 10.1.0.2:8080",
+                    "203.0.113.5:80/TCP dev/web => 10.1.0.1:8080 10.1.0.2:8080",
+                ],
+                ..Case::default()
+            },
+            Case {
+                name: "externalTrafficPolicy Local with no endpoint anywhere: external IP rejects too",
+                services: vec![with(
+                    web(),
+                    json!({ "spec": { "externalTrafficPolicy": "Local", "externalIPs": ["203.0.113.5"] } }),
+                )],
+                want: vec![
+                    "10.96.0.10:80/TCP dev/web =>",
+                    "203.0.113.5:80/TCP dev/web =>",
+                ],
+                ..Case::default()
+            },
+            Case {
+                name: "bad external and LB addresses refused, IPv6 ones skipped, good ones kept",
+                services: vec![with(
+                    web(),
+                    json!({
+                        "spec": { "externalIPs": ["010.1.2.3", "2001:db8::1", "127.0.0.1", "203.0.113.5"] },
+                        "status": { "loadBalancer": { "ingress": [{ "ip": "lb" }, { "ip": "2001:db8::2" }] } },
+                    }),
+                )],
+                want: vec![
+                    "10.96.0.10:80/TCP dev/web =>",
+                    "203.0.113.5:80/TCP dev/web =>",
+                ],
+                rejections: vec![
+                    vec!["Service dev/web", "spec.externalIPs", "010.1.2.3"],
+                    vec![
+                        "Service dev/web",
+                        "spec.externalIPs",
+                        "127.0.0.1",
+                        "loopback",
+                    ],
+                    vec![
+                        "Service dev/web",
+                        "status.loadBalancer.ingress.ip",
+                        "\"lb\"",
+                    ],
+                ],
+                ..Case::default()
+            },
+            Case {
+                name: "an LB IP that is also the Service's external IP is one frontend",
+                services: vec![with(
+                    web(),
+                    json!({
+                        "spec": { "externalIPs": ["203.0.113.5"] },
+                        "status": { "loadBalancer": { "ingress": [{ "ip": "203.0.113.5" }] } },
+                    }),
+                )],
+                want: vec![
+                    "10.96.0.10:80/TCP dev/web =>",
+                    "203.0.113.5:80/TCP dev/web =>",
+                ],
+                ..Case::default()
+            },
+            Case {
+                name: "an external IP equal to another Service's ClusterIP: the ClusterIP's owner keeps it",
+                services: vec![
+                    with(
+                        web(),
+                        json!({ "metadata": { "creationTimestamp": "2024-01-01T00:00:00Z" } }),
+                    ),
+                    with(
+                        svc("api", &["10.96.0.20"], &[("", 80, "")]),
+                        json!({
+                            "metadata": { "creationTimestamp": "2024-06-01T00:00:00Z" },
+                            "spec": { "externalIPs": ["10.96.0.10"] },
+                        }),
+                    ),
+                ],
+                want: vec![
+                    "10.96.0.10:80/TCP dev/web =>",
+                    "10.96.0.20:80/TCP dev/api =>",
+                ],
+                rejections: vec![vec!["Service dev/api", "10.96.0.10:80/TCP", "dev/web"]],
+                ..Case::default()
+            },
+            Case {
                 name: "the same frontend twice in one Service: first port kept",
                 services: vec![svc(
                     "web",
@@ -1719,9 +1973,75 @@ mod tests {
             node: &node_a(),
             options: &PlanOptions {
                 service_proxy_name: Some("svcproxy".to_owned()),
+                ..PlanOptions::default()
             },
         });
         assert_eq!(show(&desired), ["10.96.0.10:80/TCP dev/web =>"]);
+    }
+
+    #[test]
+    fn external_ip_ranges_fence_external_ips_but_not_cluster_or_lb_ips() {
+        let services: Vec<Service> = [with(
+            web(),
+            json!({
+                "spec": { "externalIPs": ["203.0.113.5", "192.0.2.1"] },
+                "status": { "loadBalancer": { "ingress": [{ "ip": "198.51.100.7" }] } },
+            }),
+        )]
+        .into_iter()
+        .map(|v| serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}")))
+        .collect();
+        let plan_with = |ranges: Option<Vec<Ipv4Cidr>>| {
+            plan(&PlanInput {
+                services: &services,
+                slices: &[],
+                node: &node_a(),
+                options: &PlanOptions {
+                    external_ip_ranges: ranges,
+                    ..PlanOptions::default()
+                },
+            })
+        };
+        let cidr = |s: &str| s.parse::<Ipv4Cidr>().unwrap_or_else(|e| panic!("{e}"));
+        let everything = plan_with(None);
+        assert_eq!(everything.frontends.len(), 4, "{:?}", show(&everything));
+
+        let fenced = plan_with(Some(vec![cidr("203.0.113.0/24")]));
+        assert_eq!(
+            show(&fenced),
+            [
+                "10.96.0.10:80/TCP dev/web =>",
+                "198.51.100.7:80/TCP dev/web =>",
+                "203.0.113.5:80/TCP dev/web =>",
+            ]
+        );
+        let rejected = show_rejections(&fenced);
+        assert_eq!(rejected.len(), 1, "{rejected:?}");
+        assert!(rejected[0].contains("192.0.2.1") && rejected[0].contains("--external-ip-ranges"));
+
+        let off = plan_with(Some(Vec::new()));
+        assert_eq!(off.frontends.len(), 2, "ClusterIP and LB IP only");
+        assert_eq!(show_rejections(&off).len(), 2);
+    }
+
+    #[test]
+    fn cidrs_parse_strictly() {
+        let ok = |s: &str| s.parse::<Ipv4Cidr>().unwrap_or_else(|e| panic!("{s}: {e}"));
+        assert!(ok(" 10.0.0.0/8 ").contains(Ipv4Addr::new(10, 200, 1, 1)));
+        assert!(!ok("10.0.0.0/8").contains(Ipv4Addr::new(11, 0, 0, 1)));
+        assert!(ok("0.0.0.0/0").contains(Ipv4Addr::new(8, 8, 8, 8)));
+        assert!(ok("192.0.2.7").contains(Ipv4Addr::new(192, 0, 2, 7)));
+        assert!(!ok("192.0.2.7").contains(Ipv4Addr::new(192, 0, 2, 8)));
+        for bad in [
+            "10.0.0.0/33",
+            "010.0.0.0/8",
+            "10.0.0.0/08",
+            "fd00::/8",
+            "x",
+            "10.0.0.0/",
+        ] {
+            assert!(bad.parse::<Ipv4Cidr>().is_err(), "{bad} parsed");
+        }
     }
 
     #[test]

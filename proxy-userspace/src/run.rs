@@ -93,6 +93,8 @@ impl SourceOptions {
 
 pub struct RunOptions {
     pub source: SourceOptions,
+    /// Operator choices for planning (external IP fence, service-proxy name).
+    pub plan: PlanOptions,
     pub interfaces: Vec<String>,
     pub hook: Hook,
     pub pin_path: PathBuf,
@@ -226,7 +228,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     }
     let mut syncer = Syncer {
         node_name: opts.node_name.clone(),
-        plan_options: PlanOptions::default(),
+        plan_options: opts.plan.clone(),
         sizes: opts.sizes,
         reported: HashSet::new(),
         metrics,
@@ -412,6 +414,15 @@ impl Syncer {
         }
         self.reported = rejections;
         let stats = writer.apply(&desired);
+        self.metrics.observe_sync_frontends(
+            [
+                stats.frontends_written,
+                stats.frontends_removed,
+                stats.frontends_unchanged,
+                stats.failed,
+            ]
+            .map(|n| n as u64),
+        );
         *self
             .directory
             .lock()

@@ -19,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::Proxy;
+use common::{Proxy, bpftool_dump, metric_value, scrape_metrics, try_scrape_metrics};
 use serde_json::{Value, json};
 use svcproxy_tests::{
     PodOptions, Sandbox,
@@ -43,6 +43,8 @@ const VISIBLE_WITHIN: Duration = Duration::from_secs(1);
 /// How long a proxy gets to start (load, attach, first list).
 const STARTUP: Duration = Duration::from_secs(15);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the API server is away in the outage test (the "dropped for 30 s").
+const API_OUTAGE: Duration = Duration::from_secs(30);
 /// For probing an address that is expected to be unanswered.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(300);
 
@@ -180,13 +182,17 @@ fn web_slice(service: &str, pods: &[usize]) -> Value {
         .iter()
         .map(|&i| Endpoint::ready(&backend_ip(i as u8).to_string(), NODE))
         .collect();
-    endpoint_slice(
+    let mut slice = endpoint_slice(
         "default",
         &format!("{service}-abc12"),
         service,
         &endpoints,
         &[EndpointPort::tcp("http", DEFAULT_ECHO_PORT)],
-    )
+    );
+    // As the EndpointSlice controller stamps it: the start of network programming latency.
+    slice["metadata"]["annotations"]["endpoints.kubernetes.io/last-change-trigger-time"] =
+        json!(jiff::Timestamp::now().to_string());
+    slice
 }
 
 fn web_pods(n: usize) -> Vec<(String, PodOptions)> {
@@ -230,6 +236,118 @@ fn endpoints_follow_the_api_server_from_zero_to_two_and_back() {
         assert_quick(&format!("endpoints {names:?}"), start.elapsed());
     }
     assert!(c.refused(vip), "no endpoints: rejected");
+
+    // What an operator's dashboards read of all that.
+    let page = scrape_metrics(&c.sb);
+    let value = |series: &str| {
+        metric_value(&page, series).unwrap_or_else(|| panic!("no {series} in\n{page}"))
+    };
+    let programmed = value("kubeproxy_network_programming_duration_seconds_count");
+    assert!(
+        programmed >= 4.0,
+        "each of the 4 stamped slice changes is one network-programming sample: {programmed}"
+    );
+    let mean = value("kubeproxy_network_programming_duration_seconds_sum") / programmed;
+    assert!(mean < VISIBLE_WITHIN.as_secs_f64(), "mean latency {mean} s");
+    assert!(value("kubeproxy_sync_proxy_rules_endpoint_changes_total") >= 5.0);
+    assert!(value("kubeproxy_sync_proxy_rules_service_changes_total") >= 1.0);
+    assert_eq!(
+        value("kubeproxy_sync_proxy_rules_endpoint_changes_pending"),
+        0.0
+    );
+    assert!(value("svcproxy_event_to_map_seconds_count") >= 5.0);
+    let web = "{namespace=\"default\",name=\"web\",port=\"http\"}";
+    let flows = value(&format!("svcproxy_service_new_flows_total{web}"));
+    assert!(
+        flows >= 20.0,
+        "every probe connection is a new flow: {flows}"
+    );
+    assert!(value(&format!("svcproxy_service_packets_total{web}")) > flows);
+    assert_eq!(value("svcproxy_map_entries{map=\"FRONTENDS4\"}"), 1.0);
+    assert_eq!(value("svcproxy_map_entries{map=\"BACKENDS4\"}"), 0.0);
+    assert_eq!(value("svcproxy_map_capacity{map=\"FRONTENDS4\"}"), 1024.0);
+}
+
+#[test]
+fn external_and_load_balancer_ips_are_served_to_pods() {
+    let c = cluster_with_web_pods("kextip", 2);
+    let (external, lb, proxied) = (
+        Ipv4Addr::new(203, 0, 113, 5),
+        Ipv4Addr::new(198, 51, 100, 7),
+        Ipv4Addr::new(198, 51, 100, 8),
+    );
+    let mut svc = web_service("web", VIP);
+    svc["spec"]["type"] = json!("LoadBalancer");
+    svc["spec"]["externalIPs"] = json!([external.to_string()]);
+    // Pods use every endpoint whatever the external policy (it is for outside traffic).
+    svc["spec"]["externalTrafficPolicy"] = json!("Local");
+    svc["status"] = json!({ "loadBalancer": { "ingress": [
+        { "ip": lb.to_string(), "ipMode": "VIP" },
+        { "ip": proxied.to_string(), "ipMode": "Proxy" },
+    ] } });
+    c.apply(svc);
+    c.apply(web_slice("web", &[0, 1]));
+    for ip in [VIP, external, lb] {
+        c.wait_for_pods(SocketAddrV4::new(ip, 80), &["web-0", "web-1"], STARTUP);
+    }
+    // ipMode Proxy: the load balancer must get that traffic, so it is left alone (and here
+    // nothing answers it).
+    let probe = c.sample_within(SocketAddrV4::new(proxied, 80), 1, PROBE_TIMEOUT);
+    assert!(
+        probe
+            .as_ref()
+            .is_err_and(|e| e.kind() != io::ErrorKind::ConnectionRefused),
+        "an ipMode Proxy address is not ours: {probe:?}"
+    );
+}
+
+#[test]
+fn session_affinity_switches_client_ip_to_none_and_back() {
+    let c = cluster_with_web_pods("kaffinity", 3);
+    let vip = SocketAddrV4::new(VIP, 80);
+    let with_affinity = |affinity: &str| {
+        let mut svc = web_service("web", VIP);
+        svc["spec"]["sessionAffinity"] = json!(affinity);
+        if affinity == "ClientIP" {
+            svc["spec"]["sessionAffinityConfig"] = json!({"clientIP": {"timeoutSeconds": 600}});
+        }
+        svc
+    };
+    let all = ["web-0", "web-1", "web-2"];
+    c.apply(web_service("web", VIP));
+    c.apply(web_slice("web", &[0, 1, 2]));
+    c.wait_for_pods(vip, &all, STARTUP);
+
+    // 30 connections from one client: with affinity one pod answers all of them.
+    let pinned = |c: &Cluster| {
+        let start = Instant::now();
+        loop {
+            let names = c.sample_within(vip, 30, REQUEST_TIMEOUT).expect("requests");
+            if names.len() == 1 {
+                return (names, start.elapsed());
+            }
+            assert!(
+                start.elapsed() < STARTUP,
+                "affinity never took hold: {names:?}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    };
+    c.apply(with_affinity("ClientIP"));
+    let (first, took) = pinned(&c);
+    assert_quick("ClientIP affinity", took);
+
+    // None: new connections spread again (30 connections miss one of 3 pods with p < 1e-5).
+    let start = Instant::now();
+    c.apply(with_affinity("None"));
+    c.wait_for_pods(vip, &all, STARTUP);
+    assert_quick("affinity None", start.elapsed());
+
+    let start = Instant::now();
+    c.apply(with_affinity("ClientIP"));
+    let (second, _) = pinned(&c);
+    assert_quick("ClientIP affinity again", start.elapsed());
+    eprintln!("pinned to {first:?}, then after None and back to {second:?}");
 }
 
 #[test]
@@ -399,14 +517,15 @@ fn api_server_outage_keeps_traffic_flowing_and_a_change_made_during_it_lands_aft
     thread::sleep(Duration::from_secs(1));
     // Made while the proxy cannot see it.
     c.apply(web_slice("web", &[0, 1, 2]));
-    thread::sleep(Duration::from_secs(3));
+    thread::sleep(API_OUTAGE - Duration::from_secs(1));
     c.api.end_outage().expect("end outage");
     let outage = outage.elapsed();
 
-    // The watchers retry with backoff (0.8 s doubling, jittered), relist or resume, and the
-    // change applies: web-2 starts answering.
+    // The watchers retry with backoff (0.8 s doubling to 30 s, jittered), relist or resume,
+    // and the change applies: web-2 starts answering. After 30 s of failures the next retry
+    // can be up to one full backoff step away.
     let start = Instant::now();
-    let limit = Duration::from_secs(30);
+    let limit = Duration::from_secs(60);
     let mut seen = false;
     while !seen && start.elapsed() < limit {
         seen = c.sample(vip, 20).is_ok_and(|names| names.contains("web-2"));
@@ -458,6 +577,186 @@ fn restart_while_the_api_server_is_down_keeps_serving_from_the_pinned_maps() {
     c.apply(web_slice("web", &[1]));
     c.api.end_outage().expect("end outage");
     c.wait_for_pods(vip, &["web-1"], Duration::from_secs(30));
+}
+
+/// A TCP stream and a UDP stream through the Service, each on one connection / socket, until
+/// stopped: what a crash of the proxy must not interrupt.
+struct Streams {
+    stop: Arc<AtomicBool>,
+    tcp: thread::JoinHandle<Result<(u64, u64), String>>,
+    udp: thread::JoinHandle<(BTreeSet<String>, u64, Vec<String>)>,
+}
+
+impl Streams {
+    const CHUNK: [u8; 1000] = [b'x'; 1000];
+    const PACE: Duration = Duration::from_millis(10);
+
+    fn start(netns: &str, tcp: SocketAddrV4, udp: SocketAddrV4) -> Self {
+        use std::{
+            io::Write as _,
+            net::{TcpStream, UdpSocket},
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        // SINK: the pod counts what it read and reports it when we close our side.
+        let tcp = spawn_in_netns(netns, move || {
+            let mut conn = TcpStream::connect_timeout(&tcp.into(), REQUEST_TIMEOUT)
+                .map_err(|e| format!("connect: {e}"))?;
+            conn.write_all(b"SINK\n")
+                .map_err(|e| format!("SINK: {e}"))?;
+            let mut sent = 0u64;
+            while !flag.load(Ordering::Relaxed) {
+                conn.write_all(&Self::CHUNK)
+                    .map_err(|e| format!("after {sent} bytes: {e}"))?;
+                sent += Self::CHUNK.len() as u64;
+                thread::sleep(Self::PACE);
+            }
+            conn.shutdown(std::net::Shutdown::Write)
+                .map_err(|e| format!("shutdown: {e}"))?;
+            conn.set_read_timeout(Some(Duration::from_secs(10)))
+                .map_err(|e| e.to_string())?;
+            let mut reply = String::new();
+            std::io::Read::read_to_string(&mut conn, &mut reply)
+                .map_err(|e| format!("reading the count: {e}"))?;
+            let got = reply
+                .trim()
+                .parse()
+                .map_err(|e| format!("count {reply:?}: {e}"))?;
+            Ok((sent, got))
+        })
+        .expect("entering the client netns");
+        let flag = stop.clone();
+        // One connected socket, one datagram per pace, each answered by `<pod> <len>`.
+        let udp = spawn_in_netns(netns, move || {
+            let (mut names, mut answered, mut failures) = (BTreeSet::new(), 0, Vec::new());
+            let socket = UdpSocket::bind("0.0.0.0:0").expect("bind");
+            socket.connect(udp).expect("connect");
+            socket
+                .set_read_timeout(Some(Duration::from_secs(1)))
+                .expect("timeout");
+            let mut buf = [0u8; 256];
+            let mut seq = 0u64;
+            while !flag.load(Ordering::Relaxed) {
+                seq += 1;
+                let sent = socket.send(format!("ping {seq}").as_bytes());
+                match sent.and_then(|_| socket.recv(&mut buf)) {
+                    Ok(n) => {
+                        answered += 1;
+                        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                        names.insert(text.split(' ').next().unwrap_or_default().to_owned());
+                    }
+                    Err(e) => failures.push(format!("datagram {seq}: {e}")),
+                }
+                thread::sleep(Self::PACE);
+            }
+            (names, answered, failures)
+        })
+        .expect("entering the client netns");
+        Self { stop, tcp, udp }
+    }
+
+    fn finish(
+        self,
+    ) -> (
+        Result<(u64, u64), String>,
+        (BTreeSet<String>, u64, Vec<String>),
+    ) {
+        self.stop.store(true, Ordering::Relaxed);
+        (
+            self.tcp.join().expect("TCP stream thread"),
+            self.udp.join().expect("UDP stream thread"),
+        )
+    }
+}
+
+#[test]
+fn sigkill_and_restart_interrupt_no_stream_and_rewrite_nothing() {
+    let mut c = cluster_with_web_pods("kkill", 2);
+    let (tcp, udp) = (SocketAddrV4::new(VIP, 80), SocketAddrV4::new(VIP, 53));
+    c.apply(service(
+        "default",
+        "web",
+        &VIP.to_string(),
+        &[
+            ServicePort::tcp("http", 80, DEFAULT_ECHO_PORT),
+            ServicePort::udp("dns", 53, DEFAULT_ECHO_PORT),
+        ],
+    ));
+    c.apply(endpoint_slice(
+        "default",
+        "web-abc12",
+        "web",
+        &[0u8, 1].map(|i| Endpoint::ready(&backend_ip(i).to_string(), NODE)),
+        &[
+            EndpointPort::tcp("http", DEFAULT_ECHO_PORT),
+            EndpointPort::udp("dns", DEFAULT_ECHO_PORT),
+        ],
+    ));
+    c.wait_for_pods(tcp, &["web-0", "web-1"], STARTUP);
+
+    let streams = Streams::start(&c.client_netns(), tcp, udp);
+    thread::sleep(Duration::from_secs(1));
+    let maps = ["FRONTENDS4", "SLOTS", "BACKENDS4", "REPLY_FILTER"];
+    let dump = |c: &Cluster| maps.map(|m| bpftool_dump(c.proxy.pin_dir(), m));
+    let before = dump(&c);
+
+    let Cluster { proxy, sb, .. } = &mut c;
+    proxy.kill_and_restart(sb);
+    // The new process is back once its first sync is done.
+    let start = Instant::now();
+    let page = loop {
+        let page = try_scrape_metrics(&c.sb).unwrap_or_default();
+        if metric_value(&page, "kubeproxy_sync_proxy_rules_last_timestamp_seconds")
+            .is_some_and(|t| t > 0.0)
+        {
+            break page;
+        }
+        assert!(
+            start.elapsed() < STARTUP,
+            "the restarted svcproxy never synced"
+        );
+        thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!("restarted and synced in {:?}", start.elapsed());
+    thread::sleep(Duration::from_secs(1));
+    let after = dump(&c);
+    let ((tcp_result, (names, answered, failures)), proxy_stats) =
+        (streams.finish(), c.proxy.stats());
+
+    for ((map, before), after) in maps.iter().zip(&before).zip(&after) {
+        assert_eq!(
+            before, after,
+            "{map} changed across the restart though nothing else did"
+        );
+    }
+    let synced = |result: &str| {
+        metric_value(
+            &page,
+            &format!("svcproxy_sync_frontends_total{{result=\"{result}\"}}"),
+        )
+    };
+    assert_eq!(synced("written"), Some(0.0), "rewrote frontends:\n{page}");
+    assert_eq!(synced("removed"), Some(0.0), "removed frontends:\n{page}");
+    assert_eq!(
+        synced("unchanged"),
+        Some(2.0),
+        "both frontends adopted as they were"
+    );
+
+    let (sent, got) = tcp_result.unwrap_or_else(|e| panic!("TCP stream broke: {e}"));
+    assert_eq!(
+        sent, got,
+        "the pod read {got} of {sent} bytes; datapath: {proxy_stats}"
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {} datagrams unanswered, first: {:?}; datapath: {proxy_stats}",
+        failures.len(),
+        failures.len() as u64 + answered,
+        failures.first()
+    );
+    assert_eq!(names.len(), 1, "the UDP flow kept its backend: {names:?}");
+    eprintln!("TCP stream: {sent} bytes; UDP: {answered} datagrams answered by {names:?}");
 }
 
 /// The API-server source on its own, in process (no namespaces, no root): ready only after

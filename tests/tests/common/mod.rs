@@ -270,6 +270,16 @@ impl Proxy {
         self.child = Some(Self::run(sb, &self.args));
     }
 
+    /// Kills svcproxy with SIGKILL (no clean-up of any kind runs) and starts it again with the
+    /// same options and pins, as a crash or an OOM kill followed by the DaemonSet's restart.
+    pub fn kill_and_restart(&mut self, sb: &Sandbox) {
+        let mut child = self.child.take().expect("running");
+        child.kill().expect("SIGKILL svcproxy");
+        let status = child.wait().expect("reap svcproxy");
+        assert!(!status.success(), "killed, yet exited with {status:?}");
+        self.child = Some(Self::run(sb, &self.args));
+    }
+
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
     }
@@ -376,6 +386,11 @@ impl Drop for Proxy {
 /// GETs `/metrics` from svcproxy's default metrics address (127.0.0.1:10249) inside the
 /// sandbox's node namespace, where the proxy runs.
 pub fn scrape_metrics(sb: &Sandbox) -> String {
+    try_scrape_metrics(sb).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`scrape_metrics`], for a proxy that may not be listening yet.
+pub fn try_scrape_metrics(sb: &Sandbox) -> Result<String, String> {
     let netns = sb.node_netns().to_owned();
     in_netns(&netns, || {
         use std::io::{Read as _, Write as _};
@@ -383,14 +398,15 @@ pub fn scrape_metrics(sb: &Sandbox) -> String {
             &SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10249).into(),
             Duration::from_secs(2),
         )
-        .unwrap_or_else(|e| panic!("connecting to svcproxy's /metrics: {e}"));
+        .map_err(|e| format!("connecting to svcproxy's /metrics: {e}"))?;
         conn.set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("read timeout");
+            .map_err(|e| format!("read timeout: {e}"))?;
         conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-            .expect("send the request");
+            .map_err(|e| format!("sending the request: {e}"))?;
         let mut body = String::new();
-        conn.read_to_string(&mut body).expect("read the response");
-        body
+        conn.read_to_string(&mut body)
+            .map_err(|e| format!("reading the response: {e}"))?;
+        Ok(body)
     })
     .expect("entering the node namespace")
 }
