@@ -26,7 +26,7 @@ struct Cli {
 enum Command {
     /// Load the datapath, attach it, and keep its maps in sync with the Services. The programs
     /// stay attached and the maps pinned when it exits, for the next start to take over.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Detach the datapath from every interface and remove its pinned maps (live flows are
     /// lost): for uninstalling, with svcproxy stopped.
     Cleanup {

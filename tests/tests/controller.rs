@@ -583,9 +583,14 @@ fn restart_while_the_api_server_is_down_keeps_serving_from_the_pinned_maps() {
 /// stopped: what a crash of the proxy must not interrupt.
 struct Streams {
     stop: Arc<AtomicBool>,
-    tcp: thread::JoinHandle<Result<(u64, u64), String>>,
-    udp: thread::JoinHandle<(BTreeSet<String>, u64, Vec<String>)>,
+    tcp: thread::JoinHandle<TcpOutcome>,
+    udp: thread::JoinHandle<UdpOutcome>,
 }
+
+/// Bytes sent and bytes the pod read, or how the stream broke.
+type TcpOutcome = Result<(u64, u64), String>;
+/// The pods that answered, datagrams answered, and each unanswered one.
+type UdpOutcome = (BTreeSet<String>, u64, Vec<String>);
 
 impl Streams {
     const CHUNK: [u8; 1000] = [b'x'; 1000];
@@ -655,12 +660,7 @@ impl Streams {
         Self { stop, tcp, udp }
     }
 
-    fn finish(
-        self,
-    ) -> (
-        Result<(u64, u64), String>,
-        (BTreeSet<String>, u64, Vec<String>),
-    ) {
+    fn finish(self) -> (TcpOutcome, UdpOutcome) {
         self.stop.store(true, Ordering::Relaxed);
         (
             self.tcp.join().expect("TCP stream thread"),
