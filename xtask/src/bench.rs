@@ -24,11 +24,37 @@ enum BenchWhat {
         #[arg(long)]
         quick: bool,
     },
+    /// The controller against the API-server stand-in with 100 and 10,000 Services x 10
+    /// endpoints: cold sync, endpoint change -> map latency (p50/p99), RSS and map memory;
+    /// writes bench/results/control-plane.{md,json}.
+    ControlPlane {
+        /// Smoke test: 100 and 1,000 Services, fewer starts and changes; prints only.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 pub fn bench(args: BenchArgs) -> Result<()> {
     match args.what {
         BenchWhat::Datapath { quick } => cargo_bench("datapath", quick),
+        BenchWhat::ControlPlane { quick } => {
+            setup::setup()?;
+            // The bench runs the shipped (release) binary.
+            let mut build = cargo();
+            build
+                .current_dir(workspace_root())
+                .args([
+                    "build",
+                    "--release",
+                    "-p",
+                    "proxy-userspace",
+                    "--bin",
+                    "svcproxy",
+                ])
+                .env_remove("AYA_BUILD_SKIP");
+            util::run(&mut build, "read the build output above")?;
+            cargo_bench("control_plane", quick)
+        }
     }
 }
 
