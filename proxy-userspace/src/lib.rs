@@ -6,6 +6,7 @@
 //! [`loader`] loads, pins and attaches the programs; [`run`] ties it together; [`cli`] is the
 //! command line.
 
+pub mod caps;
 pub mod cli;
 pub mod desired;
 pub mod health;
