@@ -42,7 +42,7 @@ pub fn setup() -> Result<()> {
 }
 
 /// apt, mounting bpffs, loading eBPF programs and creating network namespaces all need root.
-fn ensure_root() -> Result<()> {
+pub fn ensure_root() -> Result<()> {
     if !nix::unistd::Uid::effective().is_root() {
         bail!(
             "svcproxy's setup and tests must run as root (they install packages, mount bpffs, \
@@ -166,7 +166,7 @@ fn ensure_bpf_linker() -> Result<()> {
 }
 
 /// aya pins maps under bpffs; without it loading the proxy fails.
-fn ensure_bpffs() -> Result<()> {
+pub fn ensure_bpffs() -> Result<()> {
     if bpffs_mounted()? {
         println!("ok: bpffs already mounted at {BPFFS}");
         return Ok(());
