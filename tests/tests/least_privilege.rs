@@ -7,9 +7,10 @@
 mod common;
 
 use std::{
+    net::Ipv4Addr,
     os::unix::fs::{MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Stdio,
     time::{Duration, Instant},
 };
 
@@ -18,6 +19,7 @@ use svcproxy::{
     caps,
     loader::{Datapath, LoadError, MapSizes},
 };
+use svcproxy_tests::Sandbox;
 
 /// Removes a directory (the pin directories below) when the test ends, also by a panic.
 struct RemoveOnDrop(PathBuf);
@@ -32,19 +34,22 @@ fn bpffs_dir(tag: &str) -> RemoveOnDrop {
     RemoveOnDrop(Path::new("/sys/fs/bpf").join(unique(tag)))
 }
 
-/// Runs `svcproxy run` with only `caps` and returns its exit success and its log. It must exit
-/// on its own within 10 s: a check that let it through would leave it running.
-fn run_with_only(caps: &[&str], pin_dir: &Path, manifests: &Path) -> (bool, String) {
+/// Runs `svcproxy run` with only `caps` in the sandbox's node namespace (so that a check that
+/// let it through would attach nowhere that matters) and returns its exit success and its
+/// log. It must exit on its own within 10 s: a check that let it through would leave it
+/// running.
+fn run_with_only(sb: &Sandbox, caps: &[&str], pin_dir: &Path, manifests: &Path) -> (bool, String) {
     let wrapper = setpriv_with_only(caps);
-    let mut child = Command::new(&wrapper[0])
+    let mut child = sb
+        .node_command(&wrapper[0])
         .args(&wrapper[1..])
         .arg(svcproxy_bin())
         .arg("run")
         .arg("--manifests")
         .arg(manifests)
-        .args(["--interfaces", "lo", "--pin-path"])
+        .args(["--interfaces", &sb.veth_glob(), "--pin-path"])
         .arg(pin_dir)
-        // Port 0: if the check let it through, it must not collide with another test's proxy.
+        // Port 0: nothing to collide with, whatever else runs.
         .args([
             "--metrics-bind-address",
             "127.0.0.1:0",
@@ -77,6 +82,7 @@ fn run_with_only(caps: &[&str], pin_dir: &Path, manifests: &Path) -> (bool, Stri
 
 #[test]
 fn each_missing_capability_is_named_before_anything_is_loaded() {
+    let sb = Sandbox::new("lpcaps", Ipv4Addr::new(172, 18, 0, 2)).expect("sandbox");
     let manifests = common::Manifests::new();
     for missing in caps::REQUIRED {
         let others: Vec<String> = caps::REQUIRED
@@ -86,7 +92,7 @@ fn each_missing_capability_is_named_before_anything_is_loaded() {
             .collect();
         let others: Vec<&str> = others.iter().map(String::as_str).collect();
         let pins = bpffs_dir("svcproxy-caps");
-        let (ok, log) = run_with_only(&others, &pins.0, manifests.dir());
+        let (ok, log) = run_with_only(&sb, &others, &pins.0, manifests.dir());
         assert!(
             !ok,
             "svcproxy without {} exited successfully:\n{log}",
