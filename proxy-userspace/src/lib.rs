@@ -3,8 +3,11 @@
 //! Data flows one way: [`source`] (API server or manifest directory) -> [`planner`] (pure:
 //! objects -> [`desired`] state) -> [`writer`] (the only code that changes the maps, through
 //! [`kernel_maps`]) -> kernel.
-//! [`loader`] loads, pins and attaches the programs; [`run`] ties it together.
+//! [`loader`] loads, pins and attaches the programs; [`run`] ties it together; [`cli`] is the
+//! command line.
 
+pub mod caps;
+pub mod cli;
 pub mod counters;
 pub mod desired;
 pub mod health;

@@ -4,7 +4,7 @@
 use std::{
     collections::BTreeMap,
     fs, io,
-    os::unix::fs::PermissionsExt,
+    os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
 };
 
@@ -109,6 +109,15 @@ pub enum LoadError {
     NotBpffs { path: PathBuf },
     #[error("cannot create pin directory {path}: {source}")]
     PinDir { path: PathBuf, source: io::Error },
+    #[error(
+        "pin directory {path} belongs to uid {owner}, not to us (uid {euid}): someone else could \
+         replace the maps in it; remove it or pick another --pin-path"
+    )]
+    PinDirOwner {
+        path: PathBuf,
+        owner: u32,
+        euid: u32,
+    },
     #[error(
         "pinned map {path} has {what} {found}, this build expects {expected}; it was written by \
          an incompatible svcproxy (layout version {layout}) or with other map sizes: remove the \
@@ -482,13 +491,32 @@ where
         .map_err(|source| LoadError::Program { name, source })
 }
 
-/// The pin directory must be on bpffs and readable by root only (pins hold live state).
+/// The pin directory must be on bpffs, ours, and usable by its owner only: the pins are the
+/// live datapath, and whoever can replace one can redirect every Service.
 fn prepare_pin_dir(dir: &Path) -> Result<(), LoadError> {
     let pin_err = |source| LoadError::PinDir {
         path: dir.to_owned(),
         source,
     };
-    fs::create_dir_all(dir).map_err(pin_err)?;
+    // Created 0700 rather than chmod-ed after, so it is never open to others, not even briefly.
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(pin_err)?;
+    // /sys/fs/bpf is often world-writable (1777): another user may have made the directory
+    // first, and would keep control of it whatever its mode.
+    let owner = fs::metadata(dir).map_err(pin_err)?.uid();
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if owner != euid {
+        return Err(LoadError::PinDirOwner {
+            path: dir.to_owned(),
+            owner,
+            euid,
+        });
+    }
+    // An existing directory (an older svcproxy's) may be more open.
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(pin_err)?;
     ensure_bpffs(dir)
 }

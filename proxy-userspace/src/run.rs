@@ -27,6 +27,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    caps::{self, CapError},
     counters::{CounterReader, Directory, SharedDirectory},
     health::{self, HealthState},
     iface,
@@ -114,6 +115,8 @@ pub struct RunOptions {
 /// cause's, so no variant also reports it as a `source` (that would print it twice).
 #[derive(Debug, Error)]
 pub enum RunError {
+    #[error(transparent)]
+    Capabilities(#[from] CapError),
     #[error(
         "no source of Services: pass --manifests DIR, or --kubeconfig PATH, or --source kube to \
          use KUBECONFIG or the in-cluster service account"
@@ -156,6 +159,8 @@ impl From<LoadError> for RunError {
 }
 
 pub async fn run(opts: RunOptions) -> Result<(), RunError> {
+    // First: without these, loading would fail halfway with a bare EPERM.
+    caps::check()?;
     let patterns = opts
         .interfaces
         .iter()

@@ -1,6 +1,7 @@
 //! End to end through real network namespaces: a client pod reaches three backend pods through a
-//! ClusterIP served by the `svcproxy` binary, on both hooks. Needs root, bpffs and the built
-//! binary (`cargo xtask test` provides all three).
+//! ClusterIP served by the `svcproxy` binary, on both hooks, and on tc once more with svcproxy
+//! holding only the capabilities it checks for (as the DaemonSet grants them). Needs root,
+//! bpffs and the built binary (`cargo xtask test` provides all three).
 
 mod common;
 
@@ -13,6 +14,7 @@ use std::{
 
 use common::{Endpoint, Manifests, Proxy, SvcPort};
 use proxy_common::{backend::BACKENDS4, service::FRONTENDS4};
+use svcproxy::caps;
 use svcproxy_tests::{
     Sandbox, bulk_pattern, in_netns, sandbox::DEFAULT_ECHO_PORT, tcp_request_here, udp_request_here,
 };
@@ -78,7 +80,42 @@ fn spread(sb: &Sandbox, proto: &'static str, n: usize) -> HashMap<String, usize>
     .expect("entering the client namespace")
 }
 
-fn clusterip_end_to_end(hook: &str) {
+/// Asserts that the running svcproxy holds exactly [`caps::REQUIRED`]: effective, permitted
+/// and bounding sets, nothing inheritable or ambient, and no way to gain more (no-new-privs).
+fn assert_only_required_capabilities(proxy: &Proxy, hook: &str) {
+    let status = proxy.proc_status();
+    let required = caps::REQUIRED.iter().fold(0u64, |set, c| set | 1 << c.bit);
+    for (field, want) in [
+        ("CapEff:", required),
+        ("CapPrm:", required),
+        ("CapBnd:", required),
+        ("CapInh:", 0),
+        ("CapAmb:", 0),
+    ] {
+        let got = caps::status_field(&status, field);
+        assert_eq!(
+            got,
+            Some(want),
+            "{hook}: svcproxy's {field} is {got:#x?}, want {want:#x}"
+        );
+    }
+    assert!(
+        status.lines().any(|l| l == "NoNewPrivs:\t1"),
+        "{hook}: svcproxy runs with no-new-privs"
+    );
+}
+
+/// The capabilities as setpriv spells them (`bpf`, `net_admin`, ...).
+fn required_for_setpriv() -> Vec<String> {
+    caps::REQUIRED
+        .iter()
+        .map(|c| c.kubernetes_name().to_lowercase())
+        .collect()
+}
+
+/// With `only_required_caps`, svcproxy runs with just [`caps::REQUIRED`] (checked on the
+/// running process) instead of all of root's capabilities.
+fn clusterip_end_to_end(hook: &str, only_required_caps: bool) {
     let mut sb = Sandbox::new(&format!("ci{hook}"), Ipv4Addr::new(172, 18, 0, 2)).expect("sandbox");
     sb.add_pod("client", CLIENT).expect("client pod");
     for (i, ip) in BACKENDS.iter().enumerate() {
@@ -88,8 +125,17 @@ fn clusterip_end_to_end(hook: &str) {
     let manifests = Manifests::new();
     manifests.service("default", "web", VIP, &ports());
     manifests.slice("default", "web", &endpoints(&BACKENDS), &ports());
-    let proxy = Proxy::start(&sb, manifests.dir(), hook);
+    let proxy = if only_required_caps {
+        let caps = required_for_setpriv();
+        let caps: Vec<&str> = caps.iter().map(String::as_str).collect();
+        Proxy::start_with_capabilities(&sb, manifests.dir(), hook, &caps)
+    } else {
+        Proxy::start(&sb, manifests.dir(), hook)
+    };
     proxy.wait_until_serving(&sb, "client", SocketAddrV4::new(VIP, 80));
+    if only_required_caps {
+        assert_only_required_capabilities(&proxy, hook);
+    }
 
     // `bpftool map dump` shows the Service and backend maps with field names (BTF), not only
     // raw bytes: with `-j` the BTF view is the `formatted` object, present only when the map
@@ -222,15 +268,24 @@ fn clusterip_end_to_end(hook: &str) {
         "{hook}: removed Service still answered: {res:?}"
     );
 
+    if only_required_caps {
+        // Still the same after every update the scenario made.
+        assert_only_required_capabilities(&proxy, hook);
+    }
     proxy.stop();
 }
 
 #[test]
 fn clusterip_tc() {
-    clusterip_end_to_end("tc");
+    clusterip_end_to_end("tc", false);
 }
 
 #[test]
 fn clusterip_xdp() {
-    clusterip_end_to_end("xdp");
+    clusterip_end_to_end("xdp", false);
+}
+
+#[test]
+fn clusterip_tc_with_only_the_required_capabilities() {
+    clusterip_end_to_end("tc", true);
 }

@@ -2,9 +2,13 @@
 //! discovery and namespaces" example) on a network-namespace sandbox node without a cluster,
 //! runs svcproxy on the resulting Services and EndpointSlices, shows requests to Service names
 //! being balanced, and cleans everything up on Ctrl-C (or right away with `--once`).
+//!
+//! With `--kubeconfig` (or `KUBECONFIG` set) it runs svcproxy on this machine as a node of that
+//! cluster instead ([`node`]).
 
 mod check;
 mod cluster;
+mod node;
 mod proxy;
 mod signals;
 
@@ -41,13 +45,27 @@ const READY_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(clap::Args)]
 pub struct RunArgs {
     /// Do the checks once, print the results, clean up and exit (non-zero if any answer was
-    /// wrong) instead of staying up until Ctrl-C.
+    /// wrong) instead of staying up until Ctrl-C. With a cluster: stop svcproxy once its
+    /// first sync is done (its /healthz answers 200).
     #[arg(long)]
     pub once: bool,
     /// Kubernetes manifests to play: Deployments and Pods become sandbox pods, Services get a
     /// ClusterIP and EndpointSlices [default: examples/service-discovery/app.yaml]
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with = "kubeconfig")]
     pub app: Option<PathBuf>,
+    /// Instead of the demo, run svcproxy on this machine (e.g. inside a kind node) following
+    /// this cluster; `KUBECONFIG` set does the same.
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+    /// With a cluster: the interfaces to attach to, comma-separated globs [default: veth*,eth0]
+    #[arg(long, value_delimiter = ',')]
+    pub interfaces: Vec<String>,
+    /// With a cluster: this node's name [default: NODE_NAME, else the hostname]
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// With a cluster: where the maps are pinned [default: /sys/fs/bpf/svcproxy]
+    #[arg(long, value_name = "DIR")]
+    pub pin_path: Option<PathBuf>,
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
@@ -55,6 +73,9 @@ pub fn run(args: RunArgs) -> Result<()> {
     // namespaces behind". (Setup's and cargo's children still get Ctrl-C from the terminal
     // and fail, which ends the run before anything exists.)
     let stop = StopSignal::install()?;
+    if let Some(cluster) = node::choose(&args, env::var_os("KUBECONFIG"))? {
+        return node::run(&args, &cluster, &stop);
+    }
     // Whatever fails after Ctrl-C (a child killed by the same SIGINT, a wait cut short)
     // failed because of it; saying so beats a confusing secondary error.
     let interrupted = |e: anyhow::Error| {

@@ -10,7 +10,9 @@ use crate::util::{self, cargo, command, probe};
 
 /// Debian packages: LLVM 22 (+ Polly, which LLVM 22's cmake/llvm-config wants) for
 /// bpf-linker's build, bpftool for inspecting maps, iproute2 for the netns sandbox, iperf3
-/// for throughput checks, curl for the demo.
+/// for throughput checks, curl for the demo, util-linux's setpriv for running svcproxy with a
+/// reduced capability set (Debian installs util-linux everywhere; listed so that the check
+/// says so if it is gone).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -18,6 +20,7 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "iperf3",
     "curl",
+    "util-linux",
 ];
 
 /// Where Debian's llvm-22 packages put `llvm-config` and the libraries.
@@ -39,7 +42,7 @@ pub fn setup() -> Result<()> {
 }
 
 /// apt, mounting bpffs, loading eBPF programs and creating network namespaces all need root.
-fn ensure_root() -> Result<()> {
+pub fn ensure_root() -> Result<()> {
     if !nix::unistd::Uid::effective().is_root() {
         bail!(
             "svcproxy's setup and tests must run as root (they install packages, mount bpffs, \
@@ -56,7 +59,8 @@ fn ensure_apt_packages() -> Result<()> {
     for &pkg in APT_PACKAGES {
         let out = probe(command("dpkg-query").args(["-W", "-f=${Status}", pkg]))?.context(
             "`dpkg-query` not found: setup supports Debian-based systems (Debian 12 bookworm); \
-             elsewhere install LLVM 22 (dev + polly), bpftool, iproute2, iperf3 and curl yourself",
+             elsewhere install LLVM 22 (dev + polly), bpftool, iproute2, iperf3, curl and \
+             util-linux yourself",
         )?;
         // dpkg-query exits non-zero for packages it has never heard of; treat that as missing.
         if out.status.success() && String::from_utf8_lossy(&out.stdout) == "install ok installed" {
@@ -162,7 +166,7 @@ fn ensure_bpf_linker() -> Result<()> {
 }
 
 /// aya pins maps under bpffs; without it loading the proxy fails.
-fn ensure_bpffs() -> Result<()> {
+pub fn ensure_bpffs() -> Result<()> {
     if bpffs_mounted()? {
         println!("ok: bpffs already mounted at {BPFFS}");
         return Ok(());

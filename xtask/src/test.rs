@@ -96,7 +96,9 @@ fn run_phases(phases: &mut Phases, args: &TestArgs) -> Result<()> {
     // The README's first command, run non-interactively.
     let demo = phases.run("run --once", || {
         let mut cmd = prepare(cargo());
-        cmd.args(["xtask", "run", "--once"]);
+        // With KUBECONFIG set, `run` would follow that cluster instead of playing the demo.
+        cmd.args(["xtask", "run", "--once"])
+            .env_remove("KUBECONFIG");
         util::run(&mut cmd, "see the demo's output above")
     });
     if let Err(e) = demo {

@@ -19,7 +19,8 @@ use svcproxy_tests::{Sandbox, in_netns, tcp_request_here};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-fn unique(tag: &str) -> String {
+/// A name no other test (in this or a parallel test process) uses.
+pub fn unique(tag: &str) -> String {
     format!(
         "{tag}-{}-{}",
         std::process::id(),
@@ -191,11 +192,57 @@ pub struct Proxy {
     pin_dir: PathBuf,
     /// How it was started, for [`restart`](Self::restart).
     args: Vec<OsString>,
+    /// The program (and its arguments) that execs svcproxy, if any: see
+    /// [`start_with_capabilities`](Self::start_with_capabilities).
+    wrapper: Vec<OsString>,
+}
+
+/// The `setpriv` command line that execs its argument with only the capabilities `caps`
+/// (lower-case names without `cap_`, as setpriv spells them), the way a container runtime starts
+/// a container with `capabilities: {drop: [ALL], add: [...]}` and
+/// `allowPrivilegeEscalation: false`.
+///
+/// As uid 0, exec gives a process every capability of its bounding set, so the bounding set is
+/// what limits it; no-new-privs (what `allowPrivilegeEscalation: false` sets) also caps it at
+/// the caller's permitted set, and the inheritable and ambient sets are emptied.
+pub fn setpriv_with_only(caps: &[&str]) -> Vec<OsString> {
+    let set: String = caps.iter().map(|c| format!(",+{c}")).collect();
+    [
+        "setpriv".to_owned(),
+        format!("--bounding-set=-all{set}"),
+        "--inh-caps=-all".to_owned(),
+        "--ambient-caps=-all".to_owned(),
+        "--no-new-privs".to_owned(),
+        "--".to_owned(),
+    ]
+    .map(OsString::from)
+    .to_vec()
 }
 
 impl Proxy {
     pub fn start(sb: &Sandbox, manifests: &Path, hook: &str) -> Self {
-        Self::spawn(sb, &["--manifests".as_ref(), manifests.as_os_str()], hook)
+        Self::spawn(
+            sb,
+            &["--manifests".as_ref(), manifests.as_os_str()],
+            hook,
+            Vec::new(),
+        )
+    }
+
+    /// Like [`start`](Self::start), with only the capabilities `caps` (see
+    /// [`setpriv_with_only`]) instead of all of root's.
+    pub fn start_with_capabilities(
+        sb: &Sandbox,
+        manifests: &Path,
+        hook: &str,
+        caps: &[&str],
+    ) -> Self {
+        Self::spawn(
+            sb,
+            &["--manifests".as_ref(), manifests.as_os_str()],
+            hook,
+            setpriv_with_only(caps),
+        )
     }
 
     /// Like [`start`](Self::start), following the API server named in `kubeconfig` (which must
@@ -210,10 +257,11 @@ impl Proxy {
                 "node".as_ref(),
             ],
             hook,
+            Vec::new(),
         )
     }
 
-    fn spawn(sb: &Sandbox, source_args: &[&OsStr], hook: &str) -> Self {
+    fn spawn(sb: &Sandbox, source_args: &[&OsStr], hook: &str, wrapper: Vec<OsString>) -> Self {
         let pin_dir = PathBuf::from("/sys/fs/bpf").join(unique("svcproxy-e2e"));
         let mut args = vec![OsString::from("run")];
         args.extend(source_args.iter().map(|a| a.to_os_string()));
@@ -241,17 +289,25 @@ impl Proxy {
             ]
             .map(OsString::from),
         );
-        let child = Self::run(sb, &args);
+        let child = Self::run(sb, &wrapper, &args);
         Self {
             child: Some(child),
             pin_dir,
             args,
+            wrapper,
         }
     }
 
-    fn run(sb: &Sandbox, args: &[OsString]) -> Child {
-        sb.node_command(svcproxy_bin())
-            .args(args)
+    fn run(sb: &Sandbox, wrapper: &[OsString], args: &[OsString]) -> Child {
+        let mut cmd = match wrapper.split_first() {
+            Some((program, wrapper_args)) => {
+                let mut cmd = sb.node_command(program);
+                cmd.args(wrapper_args).arg(svcproxy_bin());
+                cmd
+            }
+            None => sb.node_command(svcproxy_bin()),
+        };
+        cmd.args(args)
             .env("SVCPROXY_LOG", "info")
             .stdin(Stdio::null())
             .spawn()
@@ -267,7 +323,7 @@ impl Proxy {
             status.is_some_and(|s| s.success()),
             "svcproxy exited with {status:?}"
         );
-        self.child = Some(Self::run(sb, &self.args));
+        self.child = Some(Self::run(sb, &self.wrapper, &self.args));
     }
 
     /// Kills svcproxy with SIGKILL (no clean-up of any kind runs) and starts it again with the
@@ -277,11 +333,19 @@ impl Proxy {
         child.kill().expect("SIGKILL svcproxy");
         let status = child.wait().expect("reap svcproxy");
         assert!(!status.success(), "killed, yet exited with {status:?}");
-        self.child = Some(Self::run(sb, &self.args));
+        self.child = Some(Self::run(sb, &self.wrapper, &self.args));
     }
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    /// The running svcproxy's `/proc/<pid>/status` (its capability sets among others). A
+    /// wrapper such as setpriv execs svcproxy in its own process, so the pid is svcproxy's.
+    pub fn proc_status(&self) -> String {
+        let child = self.child.as_ref().expect("running");
+        let path = format!("/proc/{}/status", child.id());
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {path}: {e}"))
     }
 
     /// The datapath's outcome counters (`STATS`, summed over CPUs) by name.
