@@ -403,6 +403,7 @@ impl Syncer {
                 .node_state(node.deleting, node.autoscaler_removing);
         }
         let node = state.node_info(&self.node_name);
+        let snapshot_done = Instant::now();
         let desired = planner::plan(&PlanInput {
             services: &state.services,
             slices: &state.slices,
@@ -418,7 +419,9 @@ impl Syncer {
             tracing::warn!("{r}");
         }
         self.reported = rejections;
+        let plan_done = Instant::now();
         let stats = writer.apply(&desired);
+        let apply_done = Instant::now();
         self.metrics.observe_sync_frontends(
             [
                 stats.frontends_written,
@@ -457,6 +460,10 @@ impl Syncer {
                 removed = stats.frontends_removed,
                 failed = stats.failed,
                 took_ms = started.elapsed().as_millis() as u64,
+                // Where a slow sync spends its time.
+                snapshot_ms = (snapshot_done - started).as_millis() as u64,
+                plan_ms = (plan_done - snapshot_done).as_millis() as u64,
+                apply_ms = (apply_done - plan_done).as_millis() as u64,
                 "synced"
             );
         }

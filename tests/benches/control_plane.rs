@@ -219,7 +219,11 @@ impl Running {
             .args(["--max-frontends", &frontends.to_string()])
             .args(["--max-slots", &per_backend, "--max-backends", &per_backend])
             .args(["--max-flows", "65536", "--max-affinity", "1024"])
-            .env("SVCPROXY_LOG", "warn")
+            // Quiet unless asked (SVCPROXY_LOG=info shows each sync's time split).
+            .env(
+                "SVCPROXY_LOG",
+                std::env::var("SVCPROXY_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .spawn()
             .context("starting svcproxy")?;
