@@ -14,6 +14,7 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet, btree_map::Entry},
     net::{Ipv4Addr, Ipv6Addr},
+    sync::Arc,
 };
 
 use k8s_openapi::api::{
@@ -102,8 +103,9 @@ impl std::str::FromStr for Ipv4Cidr {
 /// Everything [`plan`] reads.
 #[derive(Clone, Copy, Debug)]
 pub struct PlanInput<'a> {
-    pub services: &'a [Service],
-    pub slices: &'a [EndpointSlice],
+    /// Shared with the source's store: a sync reads them without copying.
+    pub services: &'a [Arc<Service>],
+    pub slices: &'a [Arc<EndpointSlice>],
     pub node: &'a NodeInfo,
     pub options: &'a PlanOptions,
 }
@@ -201,37 +203,173 @@ pub fn client_ip_affinity_timeout(svc: &Service) -> Option<u32> {
 /// Computes the desired datapath state. Never fails: whatever cannot be served is listed in
 /// [`Desired::rejections`] and everything else is planned.
 pub fn plan(input: &PlanInput<'_>) -> Desired {
-    let mut planner = Planner {
-        node: input.node,
-        cluster_ips: all_cluster_ips(input.services),
-        out: Desired::default(),
-    };
-    let slices = slices_by_service(input.slices);
-
-    // Oldest first, so that when two Services claim one frontend the older keeps it.
-    let mut services: Vec<&Service> = input.services.iter().collect();
-    services.sort_by_cached_key(|svc| {
-        let meta = &svc.metadata;
-        // A Service without a creation time (hand-written) counts as newest, so it never takes a
-        // frontend from one the API server has admitted.
-        (
-            meta.creation_timestamp.is_none(),
-            meta.creation_timestamp.clone(),
-            namespace_of(meta.namespace.as_deref()).to_owned(),
-            meta.name.clone(),
-        )
-    });
-    for svc in services {
-        planner.service(svc, input.options, &slices);
-    }
-    planner.out
+    PlanCache::default().plan(input)
 }
 
+/// [`plan`], remembering each Service's share of the result: a Service whose object and slices
+/// are the very same (shared) objects as last time is not planned again. With 10,000 Services
+/// and one EndpointSlice changed, one Service is planned instead of 10,000. The result always
+/// equals [`plan`]'s (a test checks it across changes).
+#[derive(Default)]
+pub struct PlanCache {
+    /// What every cached entry was planned with; when any differs, everything is replanned.
+    node: NodeInfo,
+    options: PlanOptions,
+    cluster_ips: HashSet<Ipv4Addr>,
+    entries: HashMap<(String, String), Cached>,
+    /// Services planned (not taken from the cache) by the last [`plan`](Self::plan).
+    pub last_planned: usize,
+}
+
+struct Cached {
+    service: Arc<Service>,
+    slices: Vec<Arc<EndpointSlice>>,
+    events: Vec<Event>,
+}
+
+/// What planning one Service produced, in order; [`replay`] adds it to the shared result,
+/// where Services meet (two claiming one frontend).
+#[derive(Clone, Debug)]
+enum Event {
+    Frontend(Frontend, FrontendState),
+    Reject(Rejection),
+}
+
+impl PlanCache {
+    pub fn plan(&mut self, input: &PlanInput<'_>) -> Desired {
+        if self.node != *input.node || self.options != *input.options {
+            self.entries.clear();
+            self.node = input.node.clone();
+            self.options = input.options.clone();
+        }
+        // An endpoint may not be a ClusterIP: when ClusterIPs come or go, the Services with an
+        // endpoint at one of those addresses are planned again (and only those).
+        let cluster_ips = all_cluster_ips(input.services);
+        if cluster_ips != self.cluster_ips {
+            let changed: HashSet<Ipv4Addr> = self
+                .cluster_ips
+                .symmetric_difference(&cluster_ips)
+                .copied()
+                .collect();
+            self.entries
+                .retain(|_, c| !c.slices.iter().any(|s| mentions_any(s, &changed)));
+            self.cluster_ips = cluster_ips;
+        }
+        let slices = slices_by_service(input.slices);
+
+        // Oldest first, so that when two Services claim one frontend the older keeps it.
+        let mut services: Vec<&Arc<Service>> = input.services.iter().collect();
+        services.sort_by_cached_key(|svc| {
+            let meta = &svc.metadata;
+            // A Service without a creation time (hand-written) counts as newest, so it never
+            // takes a frontend from one the API server has admitted.
+            (
+                meta.creation_timestamp.is_none(),
+                meta.creation_timestamp.clone(),
+                namespace_of(meta.namespace.as_deref()).to_owned(),
+                meta.name.clone(),
+            )
+        });
+        let mut out = Desired::default();
+        let mut seen: HashSet<(String, String)> = HashSet::with_capacity(services.len());
+        self.last_planned = 0;
+        let no_slices = Vec::new();
+        for svc in services {
+            let key = (
+                namespace_of(svc.metadata.namespace.as_deref()).to_owned(),
+                svc.metadata.name.clone().unwrap_or_default(),
+            );
+            let own = slices
+                .get(&(key.0.as_str(), key.1.as_str()))
+                .unwrap_or(&no_slices);
+            let hit = self.entries.get(&key).is_some_and(|c| {
+                Arc::ptr_eq(&c.service, svc)
+                    && c.slices.len() == own.len()
+                    && c.slices.iter().zip(own).all(|(a, b)| Arc::ptr_eq(a, *b))
+            });
+            // Two Services of one name (only hand-written input has them) share a key: each
+            // one after the first is planned afresh and not cached.
+            let first = seen.insert(key.clone());
+            if hit && first {
+                if let Some(cached) = self.entries.get(&key) {
+                    replay(&cached.events, &mut out);
+                }
+                continue;
+            }
+            let mut planner = Planner {
+                node: &self.node,
+                cluster_ips: &self.cluster_ips,
+                events: Vec::new(),
+            };
+            let refs: Vec<&EndpointSlice> = own.iter().map(|s| &***s).collect();
+            planner.service(svc, &self.options, &refs);
+            self.last_planned += 1;
+            replay(&planner.events, &mut out);
+            if first {
+                let cached = Cached {
+                    service: Arc::clone(svc),
+                    slices: own.iter().map(|s| Arc::clone(s)).collect(),
+                    events: planner.events,
+                };
+                self.entries.insert(key, cached);
+            }
+        }
+        // Forget deleted Services.
+        self.entries.retain(|k, _| seen.contains(k));
+        out
+    }
+}
+
+/// Whether an endpoint of `slice` has one of `addrs` as its (first, used) address.
+fn mentions_any(slice: &EndpointSlice, addrs: &HashSet<Ipv4Addr>) -> bool {
+    slice.endpoints.iter().flatten().any(|e| {
+        e.addresses
+            .first()
+            .is_some_and(|a| matches!(parse_ip(a), ParsedIp::V4(ip) if addrs.contains(&ip)))
+    })
+}
+
+/// Adds one Service's events to the result. The only place Services interact: the first to
+/// claim a frontend keeps it.
+fn replay(events: &[Event], out: &mut Desired) {
+    for event in events {
+        let (frontend, state) = match event {
+            Event::Reject(r) => {
+                out.rejections.push(r.clone());
+                continue;
+            }
+            Event::Frontend(frontend, state) => (*frontend, state),
+        };
+        let error = match out.frontends.entry(frontend) {
+            Entry::Vacant(slot) => {
+                slot.insert(state.clone());
+                continue;
+            }
+            Entry::Occupied(held) if held.get().service == state.service => {
+                PlanError::DuplicateFrontend {
+                    frontend,
+                    first: held.get().port_name.clone(),
+                    second: state.port_name.clone(),
+                }
+            }
+            Entry::Occupied(held) => PlanError::FrontendConflict {
+                frontend,
+                owner: held.get().service.clone(),
+            },
+        };
+        out.rejections.push(Rejection {
+            object: format!("Service {}/{}", state.service.namespace, state.service.name),
+            reason: error.to_string(),
+        });
+    }
+}
+
+/// Plans one Service into events.
 struct Planner<'a> {
     node: &'a NodeInfo,
     /// Every IPv4 ClusterIP of every Service, which no endpoint may be.
-    cluster_ips: HashSet<Ipv4Addr>,
-    out: Desired,
+    cluster_ips: &'a HashSet<Ipv4Addr>,
+    events: Vec<Event>,
 }
 
 /// Where a frontend address comes from; each source has its traffic policy. NodePorts add a
@@ -261,12 +399,7 @@ struct ServicePortSpec {
 }
 
 impl Planner<'_> {
-    fn service(
-        &mut self,
-        svc: &Service,
-        options: &PlanOptions,
-        slices: &HashMap<(&str, &str), Vec<&EndpointSlice>>,
-    ) {
+    fn service(&mut self, svc: &Service, options: &PlanOptions, service_slices: &[&EndpointSlice]) {
         let namespace = namespace_of(svc.metadata.namespace.as_deref());
         let Some(name) = svc.metadata.name.as_deref().filter(|n| !n.is_empty()) else {
             self.reject_service(namespace, "<unnamed>", PlanError::MissingName);
@@ -305,8 +438,6 @@ impl Planner<'_> {
             return;
         }
 
-        let empty = Vec::new();
-        let service_slices = slices.get(&(namespace, name)).unwrap_or(&empty);
         let parsed: Vec<ParsedSlice<'_>> = service_slices
             .iter()
             .map(|slice| self.parse_slice(slice))
@@ -379,31 +510,17 @@ impl Planner<'_> {
         backends: &[Backend],
         traits: FrontendTraits,
     ) {
-        let error = match self.out.frontends.entry(frontend) {
-            Entry::Vacant(slot) => {
-                slot.insert(FrontendState {
-                    service: service.clone(),
-                    port_name: port_name.to_owned(),
-                    backends: backends.to_vec(),
-                    affinity_timeout_s: traits.affinity_timeout_s,
-                    algorithm: traits.algorithm,
-                    drop_when_empty: traits.drop_when_empty,
-                });
-                return;
-            }
-            Entry::Occupied(held) if held.get().service == *service => {
-                PlanError::DuplicateFrontend {
-                    frontend,
-                    first: held.get().port_name.clone(),
-                    second: port_name.to_owned(),
-                }
-            }
-            Entry::Occupied(held) => PlanError::FrontendConflict {
-                frontend,
-                owner: held.get().service.clone(),
+        self.events.push(Event::Frontend(
+            frontend,
+            FrontendState {
+                service: service.clone(),
+                port_name: port_name.to_owned(),
+                backends: backends.to_vec(),
+                affinity_timeout_s: traits.affinity_timeout_s,
+                algorithm: traits.algorithm,
+                drop_when_empty: traits.drop_when_empty,
             },
-        };
-        self.reject_service(&service.namespace, &service.name, error);
+        ));
     }
 
     /// The IPv4 external IPs (allowed by the operator) and load-balancer VIPs of `svc`, refusing
@@ -608,10 +725,10 @@ impl Planner<'_> {
     }
 
     fn reject(&mut self, kind: &str, namespace: &str, name: &str, error: PlanError) {
-        self.out.rejections.push(Rejection {
+        self.events.push(Event::Reject(Rejection {
             object: format!("{kind} {namespace}/{name}"),
             reason: error.to_string(),
-        });
+        }));
     }
 }
 
@@ -650,10 +767,10 @@ fn cluster_ip_strings(svc: &Service) -> Vec<&str> {
     }
 }
 
-fn all_cluster_ips(services: &[Service]) -> HashSet<Ipv4Addr> {
+fn all_cluster_ips(services: &[Arc<Service>]) -> HashSet<Ipv4Addr> {
     services
         .iter()
-        .flat_map(cluster_ip_strings)
+        .flat_map(|s| cluster_ip_strings(s))
         .filter_map(|value| match parse_ip(value) {
             ParsedIp::V4(addr) => Some(addr),
             _ => None,
@@ -663,8 +780,10 @@ fn all_cluster_ips(services: &[Service]) -> HashSet<Ipv4Addr> {
 
 /// EndpointSlices usable by this datapath, by (namespace, Service name), each list sorted by
 /// slice name so the result never depends on input order.
-fn slices_by_service(slices: &[EndpointSlice]) -> HashMap<(&str, &str), Vec<&EndpointSlice>> {
-    let mut by_service: HashMap<_, Vec<&EndpointSlice>> = HashMap::new();
+fn slices_by_service(
+    slices: &[Arc<EndpointSlice>],
+) -> HashMap<(&str, &str), Vec<&Arc<EndpointSlice>>> {
+    let mut by_service: HashMap<_, Vec<&Arc<EndpointSlice>>> = HashMap::new();
     for slice in slices {
         let labels = &slice.metadata.labels;
         if label(labels, LABEL_HEADLESS).is_some() || slice.address_type != "IPv4" {
@@ -1083,18 +1202,21 @@ mod tests {
     }
 
     fn run(services: &[Value], slices: &[Value], node: &NodeInfo) -> Desired {
-        let services: Vec<Service> = services
+        let services: Vec<Arc<Service>> = services
             .iter()
             .map(|v| {
-                serde_json::from_value(v.clone())
-                    .unwrap_or_else(|e| panic!("test Service does not deserialize: {e}: {v}"))
+                Arc::new(
+                    serde_json::from_value(v.clone())
+                        .unwrap_or_else(|e| panic!("test Service does not deserialize: {e}: {v}")),
+                )
             })
             .collect();
-        let slices: Vec<EndpointSlice> = slices
+        let slices: Vec<Arc<EndpointSlice>> = slices
             .iter()
             .map(|v| {
-                serde_json::from_value(v.clone())
-                    .unwrap_or_else(|e| panic!("test EndpointSlice does not deserialize: {e}: {v}"))
+                Arc::new(serde_json::from_value(v.clone()).unwrap_or_else(|e| {
+                    panic!("test EndpointSlice does not deserialize: {e}: {v}")
+                }))
             })
             .collect();
         plan(&PlanInput {
@@ -1921,6 +2043,110 @@ mod tests {
     }
 
     #[test]
+    fn the_cache_plans_only_changed_services_and_always_equals_a_fresh_plan() {
+        let arc = |v: Value| -> Arc<Service> {
+            Arc::new(serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}")))
+        };
+        let arc_slice = |v: Value| -> Arc<EndpointSlice> {
+            Arc::new(serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}")))
+        };
+        let aged = |v: Value, t: &str| with(v, json!({ "metadata": { "creationTimestamp": t } }));
+        let mut services = vec![
+            arc(aged(web(), "2024-01-01T00:00:00Z")),
+            arc(aged(
+                svc("api", &["10.96.0.20"], &[("", 80, "")]),
+                "2024-02-01T00:00:00Z",
+            )),
+            arc(aged(
+                svc("db", &["10.96.0.30"], &[("", 5432, "")]),
+                "2024-03-01T00:00:00Z",
+            )),
+        ];
+        let mut slices = vec![
+            arc_slice(web_slice("web-1", &[ep("10.1.0.1"), ep("10.1.0.2")])),
+            arc_slice(slice(
+                "api-1",
+                "api",
+                &[("", Some(8080), "")],
+                &[ep("10.1.0.3")],
+            )),
+        ];
+        let mut node = node_a();
+        let options = PlanOptions::default();
+        let mut cache = PlanCache::default();
+        let mut step = |what: &str,
+                        services: &[Arc<Service>],
+                        slices: &[Arc<EndpointSlice>],
+                        node: &NodeInfo,
+                        want_planned: usize| {
+            let input = PlanInput {
+                services,
+                slices,
+                node,
+                options: &options,
+            };
+            let cached = cache.plan(&input);
+            assert_eq!(cached, plan(&input), "{what}: cached result differs");
+            assert_eq!(cache.last_planned, want_planned, "{what}: Services planned");
+        };
+        step("first", &services, &slices, &node, 3);
+        step("nothing changed", &services, &slices, &node, 0);
+
+        slices[0] = arc_slice(web_slice("web-1", &[ep("10.1.0.1")]));
+        step("one slice changed", &services, &slices, &node, 1);
+
+        slices.push(arc_slice(slice(
+            "db-1",
+            "db",
+            &[("", Some(5432), "")],
+            &[ep("10.1.0.9")],
+        )));
+        step("a slice added", &services, &slices, &node, 1);
+
+        // The older web takes api's ClusterIP as an external IP: api, unchanged, loses it
+        // in the replay. A new ClusterIP set (none here) would replan everything.
+        services[0] = arc(aged(
+            with(web(), json!({ "spec": { "externalIPs": ["10.96.0.20"] } })),
+            "2024-01-01T00:00:00Z",
+        ));
+        step(
+            "conflict from a changed Service",
+            &services,
+            &slices,
+            &node,
+            1,
+        );
+
+        // db (changed) takes a ClusterIP equal to api's endpoint: api, unchanged, is planned
+        // again and refuses that endpoint; web is untouched.
+        services[2] = arc(aged(
+            svc("db", &["10.1.0.3"], &[("", 5432, "")]),
+            "2024-03-01T00:00:00Z",
+        ));
+        step(
+            "ClusterIP equal to an endpoint",
+            &services,
+            &slices,
+            &node,
+            2,
+        );
+
+        node.zone = Some("zone-b".into());
+        step("node changed", &services, &slices, &node, 3);
+
+        services.remove(1);
+        step("a Service deleted", &services, &slices, &node, 0);
+        services.push(arc(svc("api", &["10.96.0.20"], &[("", 80, "")])));
+        step(
+            "re-created under the same name",
+            &services,
+            &slices,
+            &node,
+            1,
+        );
+    }
+
+    #[test]
     fn port_name_is_recorded_and_unset_protocol_is_tcp() {
         let desired = run(
             &[svc("web", &["10.96.0.10"], &[("http", 80, "")])],
@@ -1954,7 +2180,7 @@ mod tests {
 
     #[test]
     fn service_proxy_name_option_claims_matching_services() {
-        let services: Vec<Service> = [
+        let services: Vec<Arc<Service>> = [
             with(
                 web(),
                 json!({ "metadata": { "labels": { LABEL_SERVICE_PROXY_NAME: "svcproxy" } } }),
@@ -1965,7 +2191,7 @@ mod tests {
             ),
         ]
         .into_iter()
-        .map(|v| serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}")))
+        .map(|v| Arc::new(serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}"))))
         .collect();
         let desired = plan(&PlanInput {
             services: &services,
@@ -1981,7 +2207,7 @@ mod tests {
 
     #[test]
     fn external_ip_ranges_fence_external_ips_but_not_cluster_or_lb_ips() {
-        let services: Vec<Service> = [with(
+        let services: Vec<Arc<Service>> = [with(
             web(),
             json!({
                 "spec": { "externalIPs": ["203.0.113.5", "192.0.2.1"] },
@@ -1989,7 +2215,7 @@ mod tests {
             }),
         )]
         .into_iter()
-        .map(|v| serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}")))
+        .map(|v| Arc::new(serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}"))))
         .collect();
         let plan_with = |ranges: Option<Vec<Ipv4Cidr>>| {
             plan(&PlanInput {
@@ -2103,16 +2329,16 @@ mod tests {
             .map(|(n, p)| (n.as_str(), Some(*p + 10_000), "TCP"))
             .collect();
         let eps: Vec<Ep> = (1..=20).map(|i| ep(&format!("10.1.0.{i}"))).collect();
-        let services: Vec<Service> = [svc("big", &["10.96.0.10"], &svc_ports)]
+        let services: Vec<Arc<Service>> = [svc("big", &["10.96.0.10"], &svc_ports)]
             .into_iter()
-            .map(|v| serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}")))
+            .map(|v| Arc::new(serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}"))))
             .collect();
-        let slices: Vec<EndpointSlice> = [
+        let slices: Vec<Arc<EndpointSlice>> = [
             slice("big-1", "big", &slice_ports, &eps[..10]),
             slice("big-2", "big", &slice_ports, &eps[10..]),
         ]
         .into_iter()
-        .map(|v| serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}")))
+        .map(|v| Arc::new(serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}"))))
         .collect();
 
         let start = Instant::now();

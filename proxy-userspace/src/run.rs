@@ -34,7 +34,7 @@ use crate::{
     kernel_maps::{KernelMaps, OpenError, StatsReader},
     loader::{Datapath, Hook, LoadError, MapSizes},
     metrics::Metrics,
-    planner::{self, PlanInput, PlanOptions},
+    planner::{PlanCache, PlanInput, PlanOptions},
     source::{
         self, ChangeTotals, Store,
         kube::{KubeOptions, KubeSourceError},
@@ -234,6 +234,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     let mut syncer = Syncer {
         node_name: opts.node_name.clone(),
         plan_options: opts.plan.clone(),
+        planner: PlanCache::default(),
         sizes: opts.sizes,
         reported: HashSet::new(),
         metrics,
@@ -367,6 +368,8 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 struct Syncer {
     node_name: String,
     plan_options: PlanOptions,
+    /// Plans only the Services whose objects changed since the last sync.
+    planner: PlanCache,
     /// Rejections already logged: each sync recomputes all of them, and the log should say
     /// when one appears, not repeat it on every endpoint change.
     reported: HashSet<String>,
@@ -404,7 +407,7 @@ impl Syncer {
         }
         let node = state.node_info(&self.node_name);
         let snapshot_done = Instant::now();
-        let desired = planner::plan(&PlanInput {
+        let desired = self.planner.plan(&PlanInput {
             services: &state.services,
             slices: &state.slices,
             node: &node,
@@ -460,6 +463,7 @@ impl Syncer {
                 removed = stats.frontends_removed,
                 failed = stats.failed,
                 took_ms = started.elapsed().as_millis() as u64,
+                planned = self.planner.last_planned,
                 // Where a slow sync spends its time.
                 snapshot_ms = (snapshot_done - started).as_millis() as u64,
                 plan_ms = (plan_done - snapshot_done).as_millis() as u64,

@@ -141,6 +141,10 @@ pub struct MapWriter<M> {
     /// Reply-filter decrements that failed after their backend was deleted, by filter slot:
     /// retried first thing on the next apply (until then the count is merely too high).
     filter_debt: BTreeMap<u32, i32>,
+    /// The desired state each frontend was last written with, completely and successfully: an
+    /// equal state needs no diff. With 10,000 Services and one changed, this is what keeps an
+    /// apply from re-examining the other 9,999.
+    applied: HashMap<Frontend, FrontendState>,
 }
 
 fn to_key(fe: &Frontend) -> Frontend4Key {
@@ -309,6 +313,7 @@ impl<M: MapOps> MapWriter<M> {
             next_revision,
             config,
             filter_debt: BTreeMap::new(),
+            applied: HashMap::new(),
         })
     }
 
@@ -356,6 +361,7 @@ impl<M: MapOps> MapWriter<M> {
             .collect();
         // Removals first, so a full map gets room before additions.
         for fe in gone {
+            self.applied.remove(&fe);
             match self.remove_frontend(&fe) {
                 Ok(()) => stats.frontends_removed += 1,
                 Err(e) => {
@@ -365,9 +371,25 @@ impl<M: MapOps> MapWriter<M> {
             }
         }
         for (fe, state) in &desired.frontends {
+            // A frontend whose revision must still change once more is never skipped.
+            if self.applied.get(fe) == Some(state)
+                && self.written.get(fe).is_some_and(|w| !w.stale_revision)
+            {
+                stats.frontends_unchanged += 1;
+                continue;
+            }
+            // Whatever happens next, the last complete write no longer describes the maps
+            // until this one completes.
+            self.applied.remove(fe);
             match self.write_frontend(fe, state) {
-                Ok(true) => stats.frontends_written += 1,
-                Ok(false) => stats.frontends_unchanged += 1,
+                Ok(written) => {
+                    self.applied.insert(*fe, state.clone());
+                    if written {
+                        stats.frontends_written += 1;
+                    } else {
+                        stats.frontends_unchanged += 1;
+                    }
+                }
                 Err(e) => {
                     tracing::error!(%fe, service = %state.service, "writing frontend failed: {e}");
                     stats.failed += 1;

@@ -159,13 +159,10 @@ impl Source for KubeSource {
     }
 
     fn snapshot(&self) -> ClusterState {
-        // The planner takes plain slices; a copy per sync is the price of its purity.
-        fn owned<K: Clone>(objects: Vec<Arc<K>>) -> Vec<K> {
-            objects.iter().map(|o| K::clone(o)).collect()
-        }
+        // The stores hand out shared pointers: no object is copied.
         ClusterState {
-            services: owned(self.services.state()),
-            slices: owned(self.slices.state()),
+            services: self.services.state(),
+            slices: self.slices.state(),
             // The field selector already names the node; checking again costs nothing and
             // keeps another node's state out should a server ignore the selector.
             node: self

@@ -125,8 +125,8 @@ impl Poller {
             .collect();
         self.report(problems);
         let state = ClusterState {
-            services: set.services,
-            slices: set.slices,
+            services: set.services.into_iter().map(Arc::new).collect(),
+            slices: set.slices.into_iter().map(Arc::new).collect(),
             node: None,
         };
         let mut published = source.lock();

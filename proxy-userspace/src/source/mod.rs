@@ -32,8 +32,9 @@ pub use crate::health::TO_BE_DELETED_TAINT as TAINT_TO_BE_DELETED;
 /// Everything a source knows at one moment.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ClusterState {
-    pub services: Vec<Service>,
-    pub slices: Vec<EndpointSlice>,
+    /// Shared with the source's store: a snapshot copies pointers, not objects.
+    pub services: Vec<Arc<Service>>,
+    pub slices: Vec<Arc<EndpointSlice>>,
     /// This node's Node; `None` when the source does not follow Nodes (manifests) or the Node
     /// does not exist (yet).
     pub node: Option<NodeState>,
@@ -346,7 +347,7 @@ mod tests {
         fn snapshot(&self) -> ClusterState {
             let n = *self.services.lock().unwrap_or_else(|e| e.into_inner());
             ClusterState {
-                services: vec![Service::default(); n],
+                services: vec![Arc::new(Service::default()); n],
                 ..ClusterState::default()
             }
         }
