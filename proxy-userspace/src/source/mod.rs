@@ -347,7 +347,7 @@ mod tests {
         fn snapshot(&self) -> ClusterState {
             let n = *self.services.lock().unwrap_or_else(|e| e.into_inner());
             ClusterState {
-                services: vec![Arc::new(Service::default()); n],
+                services: (0..n).map(|_| Arc::new(Service::default())).collect(),
                 ..ClusterState::default()
             }
         }
