@@ -18,6 +18,8 @@
 //! Needs root and bpffs (`cargo xtask setup`). `--quick`: N in {100, 1000}, fewer changes and
 //! starts; the table is printed but not written under `bench/results/`.
 
+mod shared;
+
 use std::{
     fmt::Write as _,
     fs,
@@ -84,13 +86,7 @@ impl Config {
 }
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    shared::main_with(run)
 }
 
 fn run() -> Result<()> {
@@ -119,9 +115,9 @@ fn run() -> Result<()> {
     if cfg.quick {
         println!("(quick run: bench/results/ left unchanged)");
     } else {
-        let dir = workspace_root().join("bench/results");
-        write_atomic(&dir.join("control-plane.md"), &markdown(&text))?;
-        write_atomic(&dir.join("control-plane.json"), &json_rows(&rows)?)?;
+        let dir = shared::workspace_root().join("bench/results");
+        shared::write_atomic(&dir.join("control-plane.md"), &markdown(&text))?;
+        shared::write_atomic(&dir.join("control-plane.json"), &json_rows(&rows)?)?;
         println!("wrote bench/results/control-plane.md and bench/results/control-plane.json");
     }
     Ok(())
@@ -133,7 +129,7 @@ fn svcproxy_bin() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("SVCPROXY_BIN") {
         return Ok(p.into());
     }
-    let bin = workspace_root().join("target/release/svcproxy");
+    let bin = shared::workspace_root().join("target/release/svcproxy");
     ensure!(
         bin.exists(),
         "{} is missing: build it with `cargo build --release -p proxy-userspace` (`cargo xtask \
@@ -526,24 +522,15 @@ fn render(rows: &[Row]) -> String {
 }
 
 fn markdown(table: &str) -> String {
-    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let cpu = fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_owned())
-        })
-        .unwrap_or_default();
+    let shared::Machine { kernel, cpu, cpus } = shared::Machine::this();
     format!(
         "# Control plane: API server to maps\n\n`cargo xtask bench control-plane`, taken {} on \
          kernel {}, {} ({} CPUs). Method: PERF.md method 4; details at the top of \
          `tests/benches/control_plane.rs`.\n\n{table}",
         jiff::Timestamp::now().strftime("%Y-%m-%d"),
-        kernel.trim(),
+        kernel,
         cpu,
-        thread::available_parallelism().map_or(0, |n| n.get())
+        cpus
     )
 }
 
@@ -580,19 +567,4 @@ fn json_rows(rows: &[Row]) -> Result<String> {
         ));
     }
     Ok(serde_json::to_string_pretty(&out)? + "\n")
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the tests crate sits inside the workspace")
-        .to_path_buf()
-}
-
-fn write_atomic(path: &Path, contents: &str) -> Result<()> {
-    let dir = path.parent().expect("results live in a directory");
-    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, contents).with_context(|| format!("writing {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
 }

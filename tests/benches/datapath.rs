@@ -15,12 +15,14 @@
 //!   includes the kernel's timer reads and the cost of coming back from a syscall with colder
 //!   caches, so it is only compared with the empty and lookup programs measured the same way.
 
+mod shared;
+
 use std::{
     collections::HashSet,
     fmt::Write as _,
     fs,
     net::Ipv4Addr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::ExitCode,
     time::Instant,
 };
@@ -130,13 +132,7 @@ impl Config {
 }
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    shared::main_with(run)
 }
 
 fn run() -> Result<()> {
@@ -183,9 +179,9 @@ fn run() -> Result<()> {
     if cfg.quick {
         println!("(quick run: bench/results/ left unchanged)");
     } else {
-        let dir = workspace_root().join("bench/results");
-        write_atomic(&dir.join("datapath.md"), &report.markdown(&text))?;
-        write_atomic(&dir.join("datapath.json"), &report.json()?)?;
+        let dir = shared::workspace_root().join("bench/results");
+        shared::write_atomic(&dir.join("datapath.md"), &report.markdown(&text))?;
+        shared::write_atomic(&dir.join("datapath.json"), &report.json()?)?;
         println!("wrote bench/results/datapath.md and bench/results/datapath.json");
     }
     Ok(())
@@ -941,19 +937,7 @@ impl Report {
                 .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
                 .unwrap_or_else(|| "unknown".into())
         };
-        let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
-            .map(|s| s.trim().to_owned())
-            .unwrap_or_else(|_| "unknown".into());
-        let cpu = fs::read_to_string("/proc/cpuinfo")
-            .ok()
-            .and_then(|c| {
-                c.lines()
-                    .find(|l| l.starts_with("model name"))
-                    .and_then(|l| l.split_once(':'))
-                    .map(|(_, v)| v.trim().to_owned())
-            })
-            .unwrap_or_else(|| "unknown".into());
-        let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+        let shared::Machine { kernel, cpu, cpus } = shared::Machine::this();
         format!(
             "# Datapath cost per packet (BPF_PROG_TEST_RUN)\n\n\
              Produced by `cargo xtask bench datapath`{}.\n\n\
@@ -1040,23 +1024,4 @@ impl Report {
 /// JSON has no NaN: a figure that could not be computed is null.
 fn finite(x: f64) -> Option<f64> {
     x.is_finite().then_some((x * 1000.0).round() / 1000.0)
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the tests crate sits inside the workspace")
-        .to_path_buf()
-}
-
-/// Writes through a temporary file so a reader never sees half a report.
-fn write_atomic(path: &Path, contents: &str) -> Result<()> {
-    let dir = path.parent().expect("results live in a directory");
-    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = path.with_extension(format!(
-        "{}.tmp",
-        path.extension().and_then(|e| e.to_str()).unwrap_or("")
-    ));
-    fs::write(&tmp, contents).with_context(|| format!("writing {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
 }
