@@ -32,18 +32,11 @@ const UDP_LOST_AFTER: Duration = Duration::from_millis(200);
 /// How long [`conns`] waits for its last connections after the measuring window.
 const DRAIN: Duration = Duration::from_millis(500);
 
-/// What one run of [`conns`] or [`udp`] did.
+/// What one run of [`conns`] or [`udp`] did (completed within its window).
 #[derive(Debug, Clone, Copy)]
 pub struct Outcome {
     pub completed: u64,
     pub failed: u64,
-    pub elapsed: Duration,
-}
-
-impl Outcome {
-    pub fn per_s(&self) -> f64 {
-        self.completed as f64 / self.elapsed.as_secs_f64()
-    }
 }
 
 enum Slot {
@@ -143,11 +136,7 @@ pub fn conns(targets: &[SocketAddrV4], duration: Duration, rate: Option<f64>) ->
             };
         }
     }
-    Ok(Outcome {
-        completed,
-        failed,
-        elapsed: duration,
-    })
+    Ok(Outcome { completed, failed })
 }
 
 /// Reads the reply; Ok(true) once the server has closed (EOF), Ok(false) if more is to come.
@@ -302,11 +291,7 @@ pub fn udp(targets: &[SocketAddrV4], duration: Duration) -> Result<Outcome> {
             }
         }
     }
-    Ok(Outcome {
-        completed,
-        failed,
-        elapsed: begin.elapsed(),
-    })
+    Ok(Outcome { completed, failed })
 }
 
 /// One short TCP exchange and one UDP exchange with `target`, each within a second: whether

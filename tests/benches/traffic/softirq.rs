@@ -33,14 +33,14 @@ pub fn mark() -> Result<Mark> {
     })
 }
 
-/// Softirq time between `start` and now, in percent of one CPU.
-pub fn percent_since(start: &Mark) -> Result<f64> {
+/// Softirq CPU time between `start` and now, and the wall time, both in seconds.
+pub fn since(start: &Mark) -> Result<(f64, f64)> {
     let end = mark()?;
     // SAFETY: sysconf takes no pointers.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if hz <= 0 {
         bail!("sysconf(_SC_CLK_TCK) failed");
     }
-    let secs = end.at.duration_since(start.at).as_secs_f64();
-    Ok(100.0 * (end.ticks - start.ticks) as f64 / hz as f64 / secs)
+    let cpu = (end.ticks - start.ticks) as f64 / hz as f64;
+    Ok((cpu, end.at.duration_since(start.at).as_secs_f64()))
 }
