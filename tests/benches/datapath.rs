@@ -18,12 +18,7 @@
 mod shared;
 
 use std::{
-    collections::HashSet,
-    fmt::Write as _,
-    fs,
-    net::Ipv4Addr,
-    path::PathBuf,
-    process::ExitCode,
+    collections::HashSet, fmt::Write as _, fs, net::Ipv4Addr, path::PathBuf, process::ExitCode,
     time::Instant,
 };
 

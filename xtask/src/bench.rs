@@ -1,7 +1,9 @@
 //! `cargo xtask bench ...`: the benchmarks of PERF.md. Each one runs setup, then its cargo bench
 //! target as root from the workspace root; the bench prints its table and writes it under
 //! `bench/results/`.
-use anyhow::Result;
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
 
 use crate::{
     setup,
@@ -32,40 +34,79 @@ enum BenchWhat {
         #[arg(long)]
         quick: bool,
     },
+    /// Traffic through a ClusterIP side by side: pod IPs, kube-proxy's iptables and nftables
+    /// rules, svcproxy on tc and on XDP, with 1, 1k and 10k Services x 10 endpoints loaded;
+    /// writes bench/results/traffic.{md,json} and its SVG plots.
+    Traffic {
+        /// Smoke test: N in {1, 1000}, 2 repetitions, short runs; prints the tables without
+        /// writing results.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 pub fn bench(args: BenchArgs) -> Result<()> {
     match args.what {
-        BenchWhat::Datapath { quick } => cargo_bench("datapath", quick),
+        BenchWhat::Datapath { quick } => {
+            setup::setup()?;
+            cargo_bench("datapath", quick, None)
+        }
         BenchWhat::ControlPlane { quick } => {
             setup::setup()?;
-            // The bench runs the shipped (release) binary.
-            let mut build = cargo();
-            build
-                .current_dir(workspace_root())
-                .args([
-                    "build",
-                    "--release",
-                    "-p",
-                    "proxy-userspace",
-                    "--bin",
-                    "svcproxy",
-                ])
-                .env_remove("AYA_BUILD_SKIP");
-            util::run(&mut build, "read the build output above")?;
-            cargo_bench("control_plane", quick)
+            let bin = release_svcproxy()?;
+            cargo_bench("control_plane", quick, Some(bin))
+        }
+        BenchWhat::Traffic { quick } => {
+            setup::setup()?;
+            // The proxy under test is the optimised build users run, not the debug one the
+            // tests use.
+            let bin = release_svcproxy()?;
+            cargo_bench("traffic", quick, Some(bin))
         }
     }
 }
 
-/// Runs one bench target of the tests crate (benches build with the optimised `bench` profile).
-fn cargo_bench(name: &str, quick: bool) -> Result<()> {
-    setup::setup()?;
+/// Builds `svcproxy` (and its eBPF object) in release mode and returns its path.
+fn release_svcproxy() -> Result<PathBuf> {
+    let root = workspace_root();
+    let mut cmd = cargo();
+    cmd.current_dir(&root)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "proxy-userspace",
+            "--bin",
+            "svcproxy",
+        ])
+        .env_remove("AYA_BUILD_SKIP");
+    util::run(
+        &mut cmd,
+        "read the compiler output above (eBPF build errors come from proxy-userspace's build \
+         script; `cargo xtask setup` installs its toolchain)",
+    )?;
+    let bin = util::target_dir(&root)?.join("release").join("svcproxy");
+    if !bin.is_file() {
+        bail!(
+            "the release build succeeded but {} does not exist; check that proxy-userspace \
+             still has a `svcproxy` [[bin]]",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// Runs one bench target of the tests crate (benches build with the optimised `bench` profile);
+/// `svcproxy` is passed to it as `SVCPROXY_BIN`.
+fn cargo_bench(name: &str, quick: bool, svcproxy: Option<PathBuf>) -> Result<()> {
     let mut cmd = cargo();
     cmd.current_dir(workspace_root())
         .args(["bench", "-p", "svcproxy-tests", "--bench", name, "--"])
         // An empty eBPF object would only fail at load time; benches always build the real one.
         .env_remove("AYA_BUILD_SKIP");
+    if let Some(bin) = svcproxy {
+        cmd.env("SVCPROXY_BIN", bin);
+    }
     if quick {
         cmd.arg("--quick");
     }

@@ -23,7 +23,7 @@ enum Cmd {
     /// mount bpffs; each step is skipped when already done. Needs root.
     Setup,
     /// Setup, build everything (including the eBPF object), run all tests as root, then the
-    /// demo once; prints a per-phase timing summary.
+    /// demo once and the traffic benchmark's quick run; prints a per-phase timing summary.
     Test(test::TestArgs),
     /// The demo: svcproxy balancing a Service across pods in a network-namespace sandbox.
     Run(run::RunArgs),

@@ -12,7 +12,8 @@ use crate::util::{self, cargo, command, probe};
 /// bpf-linker's build, bpftool for inspecting maps, iproute2 for the netns sandbox, iperf3
 /// for throughput checks, curl for the demo, util-linux's setpriv for running svcproxy with a
 /// reduced capability set (Debian installs util-linux everywhere; listed so that the check
-/// says so if it is gone).
+/// says so if it is gone), iptables and nftables for the kube-proxy-shaped rules the traffic
+/// benchmark compares against.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -21,6 +22,8 @@ const APT_PACKAGES: &[&str] = &[
     "iperf3",
     "curl",
     "util-linux",
+    "iptables",
+    "nftables",
 ];
 
 /// Where Debian's llvm-22 packages put `llvm-config` and the libraries.
@@ -34,6 +37,7 @@ const BPFFS: &str = "/sys/fs/bpf";
 pub fn setup() -> Result<()> {
     ensure_root()?;
     ensure_apt_packages()?;
+    ensure_tools()?;
     ensure_rust_src()?;
     ensure_bpf_linker()?;
     ensure_bpffs()?;
@@ -59,8 +63,8 @@ fn ensure_apt_packages() -> Result<()> {
     for &pkg in APT_PACKAGES {
         let out = probe(command("dpkg-query").args(["-W", "-f=${Status}", pkg]))?.context(
             "`dpkg-query` not found: setup supports Debian-based systems (Debian 12 bookworm); \
-             elsewhere install LLVM 22 (dev + polly), bpftool, iproute2, iperf3, curl and \
-             util-linux yourself",
+             elsewhere install LLVM 22 (dev + polly), bpftool, iproute2, iperf3, curl, \
+             util-linux, iptables and nftables yourself",
         )?;
         // dpkg-query exits non-zero for packages it has never heard of; treat that as missing.
         if out.status.success() && String::from_utf8_lossy(&out.stdout) == "install ok installed" {
@@ -87,6 +91,33 @@ fn ensure_apt_packages() -> Result<()> {
             .args(&missing),
         hint,
     )
+}
+
+/// Programs the tests and benchmarks run, with the package that brings each and the flag
+/// that makes it print its version (`ip` knows no `--version`).
+const TOOLS: &[(&str, &str, &str)] = &[
+    ("ip", "iproute2", "-V"),
+    ("bpftool", "bpftool", "--version"),
+    ("iperf3", "iperf3", "--version"),
+    ("iptables-restore", "iptables", "--version"),
+    ("nft", "nftables", "--version"),
+];
+
+/// Confirms each of [`TOOLS`] runs: an installed package whose binary is not on PATH (e.g.
+/// `/usr/sbin` missing from a non-login shell's PATH) would otherwise fail deep inside a test.
+fn ensure_tools() -> Result<()> {
+    for &(tool, pkg, version) in TOOLS {
+        let runs = probe(command(tool).arg(version))?.is_some_and(|o| o.status.success());
+        if !runs {
+            bail!(
+                "`{tool} {version}` does not run although {pkg} is installed; add its directory \
+                 (usually /usr/sbin) to PATH"
+            );
+        }
+    }
+    let names: Vec<&str> = TOOLS.iter().map(|t| t.0).collect();
+    println!("ok: tools run ({})", names.join(" "));
+    Ok(())
 }
 
 fn ensure_rust_src() -> Result<()> {

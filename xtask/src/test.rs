@@ -1,6 +1,7 @@
 //! `cargo xtask test`: the whole CI pass — setup, build (including the eBPF object),
-//! `cargo test` over the workspace as root, then the README's demo
-//! (`cargo xtask run --once`) — with a per-phase timing summary at the end.
+//! `cargo test` over the workspace as root, the README's demo (`cargo xtask run --once`),
+//! then `cargo xtask bench traffic --quick` to check the benchmark runs — with a per-phase
+//! timing summary at the end.
 use std::{
     env,
     path::{Path, PathBuf},
@@ -102,6 +103,17 @@ fn run_phases(phases: &mut Phases, args: &TestArgs) -> Result<()> {
         util::run(&mut cmd, "see the demo's output above")
     });
     if let Err(e) = demo {
+        eprintln!("error: {e:#}");
+    }
+
+    // Only that the traffic benchmark still works end to end: its figures are not checked,
+    // and --quick leaves bench/results/ alone.
+    let bench = phases.run("bench traffic", || {
+        let mut cmd = prepare(cargo());
+        cmd.args(["xtask", "bench", "traffic", "--quick"]);
+        util::run(&mut cmd, "see the benchmark's output above")
+    });
+    if let Err(e) = bench {
         eprintln!("error: {e:#}");
     }
     Ok(())

@@ -1,0 +1,189 @@
+//! `cargo xtask bench traffic`: traffic through a ClusterIP, side by side in one run, for no
+//! proxy (pod IPs), kube-proxy's iptables and nftables rules, and svcproxy on the tc and the
+//! XDP hook, each loaded with N Services x 10 endpoints (PERF.md, method 3).
+//!
+//! Every variant gets its own copy of one topology (client pod -> node -> ten backend pods,
+//! over veths; see `traffic/topology.rs`) and the same Service list (`traffic/services.rs`).
+//! For each N all variants are loaded at once and measured in turn, in short slices that go
+//! round the variants (`traffic/measure.rs`), so repetition i of every variant shares one
+//! stretch of time and the ratios between them cancel the machine's drift. The load generator is the bench's own (`traffic/loadgen.rs`),
+//! one thread pinned to one core in the client pod; the servers are one thread pinned to the
+//! other core.
+//!
+//! Needs root, bpffs, iptables, nftables and iperf3 (`cargo xtask setup`), and the release
+//! svcproxy binary in `SVCPROXY_BIN` (`cargo xtask bench traffic` builds and passes it).
+//! `--quick`: N in {1, 1000}, 2 repetitions, short runs; prints the tables without writing
+//! `bench/results/`.
+
+mod cpu;
+mod epoll;
+mod feed;
+mod iperf;
+mod iptables;
+mod loadgen;
+mod measure;
+mod nftables;
+mod output;
+mod report;
+mod server;
+mod services;
+mod softirq;
+mod svcproxy;
+mod svg;
+mod topology;
+mod variant;
+
+use std::{
+    path::PathBuf,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use measure::Durations;
+use output::{markdown, plot, workspace_root, write_atomic};
+use report::{Metric, Results};
+use variant::Variant;
+
+struct Config {
+    quick: bool,
+    ns: Vec<usize>,
+    reps: usize,
+    durations: Durations,
+}
+
+impl Config {
+    fn from_args() -> Result<Self> {
+        let mut quick = false;
+        for arg in std::env::args().skip(1) {
+            match arg.as_str() {
+                "--quick" => quick = true,
+                // cargo bench passes this to every bench binary.
+                "--bench" => {}
+                other => bail!("unknown argument {other:?}; usage: traffic [--quick]"),
+            }
+        }
+        Ok(if quick {
+            Self {
+                quick,
+                ns: vec![1, 1_000],
+                reps: 2,
+                durations: Durations {
+                    slices: 2,
+                    conns: Duration::from_millis(500),
+                    latency: Duration::from_millis(300),
+                    udp: Duration::from_millis(300),
+                    iperf_secs: 1,
+                    softirq: Duration::from_millis(500),
+                },
+            }
+        } else {
+            Self {
+                quick,
+                ns: vec![1, 1_000, 10_000],
+                reps: 5,
+                durations: Durations {
+                    slices: 4,
+                    conns: Duration::from_secs(2),
+                    latency: Duration::from_secs(1),
+                    udp: Duration::from_secs(1),
+                    iperf_secs: 2,
+                    softirq: Duration::from_secs(2),
+                },
+            }
+        })
+    }
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    let cfg = Config::from_args()?;
+    if !nix::unistd::Uid::effective().is_root() {
+        bail!(
+            "the traffic benchmark builds network namespaces: run it as root (`cargo xtask bench traffic`)"
+        );
+    }
+    let bin = PathBuf::from(std::env::var_os("SVCPROXY_BIN").context(
+        "SVCPROXY_BIN is not set: run the bench with `cargo xtask bench traffic`, which builds \
+         the release svcproxy and passes it",
+    )?);
+    let started = Instant::now();
+    println!(
+        "traffic bench: N in {:?}, {} repetitions{}",
+        cfg.ns,
+        cfg.reps,
+        if cfg.quick { ", quick" } else { "" }
+    );
+    let mut results = Results::new(&cfg.ns, &Variant::ALL);
+    let mut load_times = Vec::new();
+    for &n in &cfg.ns {
+        let mut loaded = Vec::new();
+        for v in Variant::ALL {
+            let l = variant::load(v, n, &bin)
+                .with_context(|| format!("loading {} with {n} Services", v.name()))?;
+            println!(
+                "  N={n:>5} {:<13} loaded in {:.1}s",
+                v.name(),
+                l.load_time.as_secs_f64()
+            );
+            load_times.push((n, v, l.load_time));
+            loaded.push(l);
+        }
+        measure::warm_up(&loaded)?;
+        for rep in 0..cfg.reps {
+            measure::repetition(&cfg.durations, &loaded, n, &mut results)
+                .with_context(|| format!("N={n}, repetition {}", rep + 1))?;
+            println!(
+                "  N={n:>5} repetition {}/{} done ({:.0}s so far)",
+                rep + 1,
+                cfg.reps,
+                started.elapsed().as_secs_f64()
+            );
+        }
+        // Dropping stops the proxies and deletes the namespaces, with their rules.
+        drop(loaded);
+    }
+    let tables = results.tables();
+    let targets = results.targets();
+    println!("\n{tables}\nTargets (PERF.md):\n\n{targets}");
+    println!("total {:.0}s", started.elapsed().as_secs_f64());
+    if cfg.quick {
+        println!("(quick run: bench/results/ left unchanged)");
+        return Ok(());
+    }
+    let dir = workspace_root().join("bench/results");
+    write_atomic(
+        &dir.join("traffic.md"),
+        &markdown(&cfg, &tables, &targets, &load_times, started.elapsed()),
+    )?;
+    write_atomic(&dir.join("traffic.json"), &results.json()?)?;
+    write_atomic(
+        &dir.join("traffic-conns.svg"),
+        &plot(
+            &results,
+            &[Metric::ConnsPerS],
+            "New TCP connections per second",
+            "connections/s",
+        ),
+    )?;
+    write_atomic(
+        &dir.join("traffic-latency.svg"),
+        &plot(
+            &results,
+            &[Metric::P50Us, Metric::P99Us],
+            "Request/response latency (solid p50, dashed p99)",
+            "us",
+        ),
+    )?;
+    println!("wrote bench/results/traffic.{{md,json}} and traffic-{{conns,latency}}.svg");
+    Ok(())
+}

@@ -1,0 +1,153 @@
+//! What a full run leaves under `bench/results/`: the Markdown report (machine, methods,
+//! targets, tables), the SVG plots, and atomic writes of them.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+
+use super::{
+    Config, cpu,
+    measure::{FIXED_RATE, LATENCY_CONNECTIONS},
+    report::{Metric, Results},
+    svg,
+    variant::Variant,
+};
+
+pub fn plot(results: &Results, metrics: &[Metric], title: &str, y_title: &str) -> String {
+    let labels: Vec<String> = results.ns.iter().map(|n| n.to_string()).collect();
+    let mut series = Vec::new();
+    for (k, &metric) in metrics.iter().enumerate() {
+        for &v in &results.variants {
+            let points = results
+                .ns
+                .iter()
+                .map(|&n| results.stat(n, v, metric).map(|s| (s.min, s.median, s.max)))
+                .collect();
+            let name = if metrics.len() > 1 {
+                format!("{} {}", v.name(), metric.key().trim_end_matches("_us"))
+            } else {
+                v.name().to_owned()
+            };
+            series.push(svg::Series {
+                name,
+                dashed: k > 0,
+                points,
+            });
+        }
+    }
+    svg::line_chart(
+        title,
+        "Services loaded (N, 10 endpoints each)",
+        y_title,
+        &labels,
+        &series,
+    )
+}
+
+pub fn markdown(
+    cfg: &Config,
+    tables: &str,
+    targets: &str,
+    load_times: &[(usize, Variant, Duration)],
+    took: Duration,
+) -> String {
+    let host = |cmd: &str, args: &[&str]| {
+        std::process::Command::new(cmd)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_owned()
+            })
+            .unwrap_or_else(|| "unknown".into())
+    };
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into());
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let loads: Vec<String> = load_times
+        .iter()
+        .filter(|(_, v, _)| *v != Variant::Direct)
+        .map(|(n, v, t)| format!("{} N={n}: {:.1}s", v.name(), t.as_secs_f64()))
+        .collect();
+    format!(
+        "# Traffic through a ClusterIP, side by side\n\n\
+         Produced by `cargo xtask bench traffic` in {:.0} s.\n\n\
+         - date: {}\n- kernel: {kernel}\n- CPU: {cpu} ({cpus} CPUs)\n\
+         - rule loaders: {}; {}; iperf3: {}\n\
+         - {} repetitions of each figure per variant and N; medians with min - max; ratios are \
+         medians of the per-repetition ratios. Within a repetition each figure is taken in {} \
+         slices that go round the variants, so paired figures share the same second or two of \
+         machine time\n\n\
+         Topology and methods: see the header of `tests/benches/traffic/main.rs`. Every variant has \
+         its own client pod -> node -> 10 backend pods over veths, loaded with N Services x 10 \
+         endpoints; the measured Service (in the middle of kube-proxy's Service list) has the 10 \
+         real backends, the others unroutable endpoints; iperf3 goes through one more Service \
+         with one endpoint. `direct` sends to the pod IPs. Load generator: one thread pinned to \
+         CPU {} in the client pod; servers: one thread pinned to CPU {}. Per variant and \
+         repetition: connections {:?} with 16 in flight; latency {:?} over {LATENCY_CONNECTIONS} kept-alive connections, one \
+         request at a time; UDP {:?}; iperf3 {} s; softirq over {:?} at a fixed {FIXED_RATE} new \
+         connections/s (machine-wide /proc/stat, tick-sampled).\n\n\
+         Only the iptables and nftables variants have netfilter rules, so only their node runs \
+         conntrack; svcproxy and `direct` forward without it. XDP on a veth copies every packet \
+         (PERF.md): its bulk figure shows that cost.\n\n\
+         Load times (rules written or maps programmed, until the measured Service answered): \
+         {}.\n\n\
+         ![connections per second](traffic-conns.svg)\n\n\
+         ![latency](traffic-latency.svg)\n\n\
+         ## Targets (PERF.md; reported, not asserted)\n\n{targets}\n## Figures\n\n{tables}",
+        took.as_secs_f64(),
+        host("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        host("iptables-restore", &["--version"]),
+        host("nft", &["--version"]),
+        host("iperf3", &["--version"]),
+        cfg.reps,
+        cfg.durations.slices,
+        cpu::CLIENT,
+        cpu::server(),
+        cfg.durations.conns,
+        cfg.durations.latency,
+        cfg.durations.udp,
+        cfg.durations.iperf_secs,
+        cfg.durations.softirq,
+        loads.join(", "),
+    )
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate sits inside the workspace")
+        .to_path_buf()
+}
+
+/// Writes through a temporary file so a reader never sees half a report.
+pub fn write_atomic(path: &Path, contents: &str) -> Result<()> {
+    let dir = path.parent().expect("results live in a directory");
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = path.with_extension(format!(
+        "{}.tmp",
+        path.extension().and_then(|e| e.to_str()).unwrap_or("")
+    ));
+    fs::write(&tmp, contents).with_context(|| format!("writing {}", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+}
