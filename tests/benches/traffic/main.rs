@@ -27,6 +27,8 @@ mod output;
 mod report;
 mod server;
 mod services;
+#[path = "../shared/mod.rs"]
+mod shared;
 mod softirq;
 mod svcproxy;
 mod svg;
@@ -41,8 +43,9 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use measure::Durations;
-use output::{markdown, plot, workspace_root, write_atomic};
+use output::{markdown, plot};
 use report::{Metric, Results};
+use shared::{workspace_root, write_atomic};
 use variant::Variant;
 
 struct Config {
@@ -96,13 +99,7 @@ impl Config {
 }
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    shared::main_with(run)
 }
 
 fn run() -> Result<()> {

@@ -1,13 +1,7 @@
 //! What a full run leaves under `bench/results/`: the Markdown report (machine, methods,
-//! targets, tables), the SVG plots, and atomic writes of them.
+//! targets, tables) and the SVG plots.
 
-use std::{
-    fs,
-    path::{Path, PathBuf},
-    time::Duration,
-};
-
-use anyhow::{Context as _, Result};
+use std::time::Duration;
 
 use super::{
     Config, cpu,
@@ -71,19 +65,7 @@ pub fn markdown(
             })
             .unwrap_or_else(|| "unknown".into())
     };
-    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".into());
-    let cpu = fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown".into());
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let crate::shared::Machine { kernel, cpu, cpus } = crate::shared::Machine::this();
     let loads: Vec<String> = load_times
         .iter()
         .filter(|(_, v, _)| *v != Variant::Direct)
@@ -131,23 +113,4 @@ pub fn markdown(
         cfg.durations.softirq,
         loads.join(", "),
     )
-}
-
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the tests crate sits inside the workspace")
-        .to_path_buf()
-}
-
-/// Writes through a temporary file so a reader never sees half a report.
-pub fn write_atomic(path: &Path, contents: &str) -> Result<()> {
-    let dir = path.parent().expect("results live in a directory");
-    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = path.with_extension(format!(
-        "{}.tmp",
-        path.extension().and_then(|e| e.to_str()).unwrap_or("")
-    ));
-    fs::write(&tmp, contents).with_context(|| format!("writing {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
 }
