@@ -18,6 +18,9 @@
 //! Needs root and bpffs (`cargo xtask setup`). `--quick`: N in {100, 1000}, fewer changes and
 //! starts; the table is printed but not written under `bench/results/`.
 
+// The end-to-end tests' helpers: scraping svcproxy's /metrics from the node namespace.
+#[path = "../tests/common/mod.rs"]
+mod common;
 mod shared;
 
 use std::{
@@ -43,7 +46,6 @@ use svcproxy_tests::{
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 2);
 const NODE: &str = "node";
 const ENDPOINTS_PER_SERVICE: usize = 10;
-const METRICS: &str = "127.0.0.1:10249";
 /// How long a start (load, list, first sync) or one change may take before the run fails.
 const START_LIMIT: Duration = Duration::from_secs(120);
 const CHANGE_LIMIT: Duration = Duration::from_secs(10);
@@ -59,14 +61,7 @@ struct Config {
 
 impl Config {
     fn from_args() -> Result<Self> {
-        let mut quick = false;
-        for arg in std::env::args().skip(1) {
-            match arg.as_str() {
-                "--quick" => quick = true,
-                "--bench" => {}
-                other => bail!("unknown argument {other:?}; usage: control_plane [--quick]"),
-            }
-        }
+        let quick = shared::quick_flag("control_plane")?;
         Ok(if quick {
             Self {
                 quick,
@@ -240,12 +235,18 @@ impl Running {
             if let Some(status) = self.child.try_wait()? {
                 bail!("svcproxy exited with {status} before its first sync");
             }
-            if let Ok(page) = scrape(sb) {
-                let count = metric(&page, "kubeproxy_sync_proxy_rules_duration_seconds_count");
+            if let Ok(page) = common::try_scrape_metrics(sb) {
+                let count = common::metric_value(
+                    &page,
+                    "kubeproxy_sync_proxy_rules_duration_seconds_count",
+                );
                 if count.is_some_and(|c| c >= 1.0) {
                     let synced_at = self.started.elapsed().as_secs_f64();
-                    let sum = metric(&page, "kubeproxy_sync_proxy_rules_duration_seconds_sum")
-                        .context("sync duration missing")?;
+                    let sum = common::metric_value(
+                        &page,
+                        "kubeproxy_sync_proxy_rules_duration_seconds_sum",
+                    )
+                    .context("sync duration missing")?;
                     // More than one sync by now: the first is what a cold start costs, and
                     // later ones (nothing changed) are tiny next to it.
                     return Ok((sum, synced_at));
@@ -266,25 +267,6 @@ impl Drop for Running {
         let _ = self.child.wait();
         let _ = fs::remove_dir_all(&self.pin_dir);
     }
-}
-
-/// GET /metrics from the node namespace.
-fn scrape(sb: &Sandbox) -> Result<String> {
-    in_netns(sb.node_netns(), || -> Result<String> {
-        use std::io::{Read as _, Write as _};
-        let mut conn = std::net::TcpStream::connect(METRICS)?;
-        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
-        let mut body = String::new();
-        conn.read_to_string(&mut body)?;
-        Ok(body)
-    })?
-}
-
-fn metric(page: &str, series: &str) -> Option<f64> {
-    page.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
 }
 
 /// `VmRSS` and `VmHWM` of `pid`, in MiB.

@@ -22,6 +22,20 @@ pub fn main_with(run: fn() -> Result<()>) -> ExitCode {
     }
 }
 
+/// The one argument every bench takes: `--quick` (a smoke run that prints but writes no
+/// results). `cargo bench` adds `--bench`, which is ignored; anything else is refused.
+pub fn quick_flag(bench: &str) -> Result<bool> {
+    let mut quick = false;
+    for arg in std::env::args().skip(1) {
+        match arg.as_str() {
+            "--quick" => quick = true,
+            "--bench" => {}
+            other => anyhow::bail!("unknown argument {other:?}; usage: {bench} [--quick]"),
+        }
+    }
+    Ok(quick)
+}
+
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()

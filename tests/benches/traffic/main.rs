@@ -57,15 +57,7 @@ struct Config {
 
 impl Config {
     fn from_args() -> Result<Self> {
-        let mut quick = false;
-        for arg in std::env::args().skip(1) {
-            match arg.as_str() {
-                "--quick" => quick = true,
-                // cargo bench passes this to every bench binary.
-                "--bench" => {}
-                other => bail!("unknown argument {other:?}; usage: traffic [--quick]"),
-            }
-        }
+        let quick = shared::quick_flag("traffic")?;
         Ok(if quick {
             Self {
                 quick,
