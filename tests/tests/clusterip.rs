@@ -289,3 +289,77 @@ fn clusterip_xdp() {
 fn clusterip_tc_with_only_the_required_capabilities() {
     clusterip_end_to_end("tc", true);
 }
+
+/// `n` TCP connections from the client to the ClusterIP; the pods that answered, or the error.
+fn names_through_vip(sb: &Sandbox, n: usize, timeout: Duration) -> Result<Vec<String>, String> {
+    let netns = sb.pod("client").expect("client pod").netns.clone();
+    in_netns(&netns, move || {
+        (0..n)
+            .map(|_| {
+                tcp_request_here(SocketAddrV4::new(VIP, 80), b"NAME\n", timeout)
+                    .map(|out| String::from_utf8_lossy(&out).trim().to_owned())
+                    .map_err(|e| e.to_string())
+            })
+            .collect()
+    })
+    .expect("entering the client namespace")
+}
+
+/// The programs stay attached through their pinned links after svcproxy exits, so the Service
+/// keeps working with no svcproxy running; `svcproxy cleanup` detaches and removes everything.
+#[test]
+fn the_datapath_outlives_svcproxy_until_cleanup() {
+    let mut sb = Sandbox::new("cileft", Ipv4Addr::new(172, 18, 0, 2)).expect("sandbox");
+    sb.add_pod("client", CLIENT).expect("client pod");
+    for (i, ip) in BACKENDS.iter().enumerate() {
+        sb.add_pod(&format!("web-{i}"), *ip).expect("backend pod");
+    }
+    let manifests = Manifests::new();
+    manifests.service("default", "web", VIP, &ports());
+    manifests.slice("default", "web", &endpoints(&BACKENDS), &ports());
+    let proxy = Proxy::start(&sb, manifests.dir(), "tc");
+    proxy.wait_until_serving(&sb, "client", SocketAddrV4::new(VIP, 80));
+    let pins = proxy.stop_keeping_pins();
+
+    for pod in sb.pods() {
+        let link = pins.0.join("links").join(format!("tc-{}", pod.host_veth));
+        assert!(link.exists(), "no pinned link {}", link.display());
+    }
+    let names = names_through_vip(&sb, 30, TIMEOUT)
+        .unwrap_or_else(|e| panic!("the ClusterIP stopped working with svcproxy: {e}"));
+    assert!(
+        names.iter().all(|n| n.starts_with("web-")),
+        "answered by {names:?}"
+    );
+
+    let cleanup = |what: &str| {
+        let out = sb
+            .node_command(common::svcproxy_bin())
+            .args(["cleanup", "--pin-path"])
+            .arg(&pins.0)
+            .output()
+            .expect("running svcproxy cleanup");
+        assert!(
+            out.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    cleanup("cleanup");
+    assert!(!pins.0.exists(), "cleanup left {}", pins.0.display());
+    // Nothing translates the ClusterIP any more: nobody answers it. The kernel releases an
+    // unpinned link from a work queue, so the detach lands shortly after the unlink.
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    let probe = loop {
+        let probe = names_through_vip(&sb, 1, Duration::from_millis(300));
+        if probe.is_err() || std::time::Instant::now() > deadline {
+            break probe;
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        probe.is_err(),
+        "still answered 3 s after cleanup: {probe:?}"
+    );
+    cleanup("a second cleanup finds nothing and succeeds");
+}

@@ -412,6 +412,19 @@ impl Proxy {
         assert!(ok, "svcproxy did not start serving {addr} within 15 s");
     }
 
+    /// Like [`stop`](Self::stop), but the pins (maps and links) stay: the datapath keeps
+    /// running without svcproxy. The returned guard removes them when dropped.
+    pub fn stop_keeping_pins(mut self) -> PinDir {
+        let pins = PinDir(std::mem::take(&mut self.pin_dir));
+        let mut child = self.child.take().expect("running");
+        let status = terminate(&mut child);
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "svcproxy exited with {status:?}"
+        );
+        pins
+    }
+
     /// Asks svcproxy to stop and checks it exits cleanly.
     pub fn stop(mut self) {
         let mut child = self.child.take().expect("running");
@@ -438,12 +451,25 @@ fn terminate(child: &mut Child) -> Option<std::process::ExitStatus> {
     None
 }
 
+/// A pin directory left by a stopped svcproxy, removed (with its links, so the programs
+/// detach) on drop, also while a test unwinds.
+pub struct PinDir(pub PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 impl Drop for Proxy {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
             terminate(&mut child);
         }
-        let _ = std::fs::remove_dir_all(&self.pin_dir);
+        // Empty once `stop_keeping_pins` handed the directory on.
+        if !self.pin_dir.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.pin_dir);
+        }
     }
 }
 
