@@ -33,6 +33,8 @@ use proxy_common::{
 };
 use thiserror::Error;
 
+use crate::iface::{self, Interface};
+
 /// The eBPF object built from `proxy-ebpf` by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
 
@@ -154,6 +156,8 @@ pub enum LoadError {
         source: aya::programs::ProgramError,
         hint: &'static str,
     },
+    #[error("interface {0} does not exist (any more)")]
+    NoSuchInterface(String),
 }
 
 /// One interface's attachment: a bpf link pinned under the pin directory, so the program stays
@@ -163,6 +167,9 @@ struct Attachment {
     /// Keeps the link open while we run; the pin keeps it attached after.
     _link: FdLink,
     pin: PathBuf,
+    /// The interface's index when attached: one re-created under the same name is another
+    /// interface, and the link died with the old one.
+    index: u32,
 }
 
 /// The subdirectory of the pin directory holding the links, one file per interface and hook.
@@ -312,6 +319,9 @@ impl Datapath {
             return Ok(());
         }
         let pin = self.link_pin(iface, hook);
+        // Looked up before attaching: if the interface goes away in between, the attach fails.
+        let index =
+            iface::index_of(iface).ok_or_else(|| LoadError::NoSuchInterface(iface.to_owned()))?;
         let links_dir = self.pin_dir.join(LINKS_DIR);
         fs::create_dir_all(&links_dir).map_err(|source| LoadError::PinDir {
             path: links_dir,
@@ -359,8 +369,14 @@ impl Datapath {
                 FdLink::from(pinned)
             }
         };
-        self.attached
-            .insert(iface.to_owned(), Attachment { _link: link, pin });
+        self.attached.insert(
+            iface.to_owned(),
+            Attachment {
+                _link: link,
+                pin,
+                index,
+            },
+        );
         Ok(())
     }
 
@@ -459,6 +475,17 @@ impl Datapath {
             remove_link_pin(&a.pin);
             tracing::info!(iface, "detached");
         }
+    }
+
+    /// The interfaces attached to, with their index at the time.
+    pub fn attached(&self) -> Vec<Interface> {
+        self.attached
+            .iter()
+            .map(|(name, a)| Interface {
+                name: name.clone(),
+                index: a.index,
+            })
+            .collect()
     }
 
     /// Detaches from every interface (see [`detach`](Self::detach)).

@@ -129,8 +129,6 @@ pub enum RunError {
         glob: String,
         error: glob::PatternError,
     },
-    #[error("no interface matches {0:?}; check --interfaces")]
-    NoInterface(Vec<String>),
     #[error("cannot list interfaces: {0}")]
     ListInterfaces(io::Error),
     #[error("cannot install the SIGINT/SIGTERM handlers: {0}")]
@@ -210,17 +208,27 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     };
 
     let mut dp = Datapath::load(&opts.pin_path, &opts.sizes)?;
+    // Subscribed before the first listing, so an interface created in between is not missed.
+    let links = iface::LinkWatch::new().map_err(RunError::ListInterfaces)?;
     let ifaces = iface::matching(&patterns).map_err(RunError::ListInterfaces)?;
     if ifaces.is_empty() {
-        return Err(RunError::NoInterface(opts.interfaces.clone()));
+        tracing::warn!(
+            interfaces = ?opts.interfaces,
+            "no interface matches --interfaces yet; each is attached when it appears"
+        );
     }
     // A failure here leaves the interfaces already done attached: they run this build's
     // program on the pinned maps, which is what the previous run served. Tearing down working
     // traffic because one interface failed would be worse.
-    for name in &ifaces {
-        dp.attach(name, opts.hook)?;
+    for found in &ifaces {
+        dp.attach(&found.name, opts.hook)?;
     }
     dp.prune_links();
+    let mut interfaces = Interfaces {
+        patterns,
+        hook: opts.hook,
+        links,
+    };
     let logs = dp
         .take_logger()
         .map(|logger| tokio::spawn(drain_logs(logger)));
@@ -242,7 +250,15 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         directory,
         totals: ChangeTotals::default(),
     };
-    let result = sync_loop(&mut dp, &opts, store, &mut syncer, &shutdown).await;
+    let result = sync_loop(
+        &mut dp,
+        &mut interfaces,
+        &opts,
+        store,
+        &mut syncer,
+        &shutdown,
+    )
+    .await;
     shutdown.cancel();
     // The links stay: the programs keep serving from the pinned maps until the next svcproxy
     // takes them over (`svcproxy cleanup` removes them).
@@ -297,8 +313,37 @@ async fn drain_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
     }
 }
 
+/// The interfaces the datapath belongs on: those matching `--interfaces`, followed as they come
+/// and go (a pod's veth appears when the pod starts, long after svcproxy did).
+struct Interfaces {
+    patterns: Vec<glob::Pattern>,
+    hook: Hook,
+    links: iface::LinkWatch,
+}
+
+impl Interfaces {
+    /// Attaches to matching interfaces that appeared and forgets those that went away (or were
+    /// re-created under their name: the old link died with the old interface). Failures are
+    /// logged, not fatal: one odd interface must not stop the proxy serving the others.
+    fn reconcile(&self, dp: &mut Datapath) {
+        let now = match iface::matching(&self.patterns) {
+            Ok(now) => now,
+            Err(e) => return tracing::warn!("cannot list interfaces: {e}"),
+        };
+        for gone in dp.attached().into_iter().filter(|a| !now.contains(a)) {
+            dp.detach(&gone.name);
+        }
+        for found in &now {
+            if let Err(e) = dp.attach(&found.name, self.hook) {
+                tracing::warn!("{e}");
+            }
+        }
+    }
+}
+
 async fn sync_loop(
     dp: &mut Datapath,
+    interfaces: &mut Interfaces,
     opts: &RunOptions,
     mut store: Store,
     syncer: &mut Syncer,
@@ -323,6 +368,7 @@ async fn sync_loop(
         tokio::select! {
             _ = shutdown.cancelled() => return stop(store).await,
             _ = store.ready() => break,
+            _ = interfaces.links.changed() => interfaces.reconcile(dp),
             _ = tokio::time::sleep(READY_NAG) => tracing::warn!(
                 waited_s = waited.elapsed().as_secs(),
                 "still waiting for the source's first complete list; nothing is written until then"
@@ -333,13 +379,19 @@ async fn sync_loop(
     loop {
         let failed = syncer.once(&mut store, &mut writer);
         let retry = failed.then(|| tokio::time::Instant::now() + RETRY_FAILED_WRITE);
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = store.changed() => {
-                syncer.health.queued(SystemTime::now());
-                syncer.count_changes(&store);
+        // Interface changes are handled here and need no plan: the maps are shared by every
+        // attachment, so a new interface serves the current state at once.
+        let changed = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return stop(store).await,
+                _ = store.changed() => break true,
+                _ = sleep_until(retry) => break false,
+                _ = interfaces.links.changed() => interfaces.reconcile(dp),
             }
-            _ = sleep_until(retry) => {}
+        };
+        if changed {
+            syncer.health.queued(SystemTime::now());
+            syncer.count_changes(&store);
         }
         // Batch a burst of changes into one plan.
         tokio::select! {

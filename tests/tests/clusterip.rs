@@ -363,3 +363,143 @@ fn the_datapath_outlives_svcproxy_until_cleanup() {
     );
     cleanup("a second cleanup finds nothing and succeeds");
 }
+
+/// The index of `iface` in the node namespace, from `ip -j link`.
+fn node_ifindex(sb: &Sandbox, iface: &str) -> Option<u64> {
+    let out = sb
+        .node_command("ip")
+        .args(["-j", "link", "show", "dev", iface])
+        .output()
+        .expect("running ip");
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    links.get(0)?.get("ifindex")?.as_u64()
+}
+
+/// The index of the interface the tcx or XDP link pinned at `pin` is attached to, from the
+/// kernel's link info (this machine's bpftool predates tcx links).
+fn link_ifindex(pin: &std::path::Path) -> Option<u64> {
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+    let path = std::ffi::CString::new(pin.as_os_str().as_encoded_bytes()).ok()?;
+    // union bpf_attr for BPF_OBJ_GET: pathname (u64), bpf_fd (u32), file_flags (u32).
+    let mut get = [0u64; 2];
+    get[0] = path.as_ptr() as u64;
+    // SAFETY: BPF_OBJ_GET reads the attr of the size given; the path outlives the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 7, get.as_mut_ptr(), 16) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: a fresh fd owned from here on.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // struct bpf_link_info: type, id, prog_id, then an 8-aligned union whose tcx and xdp
+    // members both start with the ifindex.
+    let mut info = [0u32; 32];
+    // BPF_OBJ_GET_INFO_BY_FD attr: bpf_fd (u32), info_len (u32), info (u64).
+    let attr: [u64; 2] = [
+        u64::from(std::os::fd::AsRawFd::as_raw_fd(&fd) as u32)
+            | (std::mem::size_of_val(&info) as u64) << 32,
+        info.as_mut_ptr() as u64,
+    ];
+    // SAFETY: the kernel writes at most info_len bytes into `info`.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, 15, attr.as_ptr(), 16) };
+    (rc == 0).then(|| u64::from(info[4]))
+}
+
+/// Polls `cond` every 10 ms until it holds or `limit` passes; how long it took, if it held.
+fn within(limit: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
+    let start = std::time::Instant::now();
+    loop {
+        if cond() {
+            return Some(start.elapsed());
+        }
+        if start.elapsed() > limit {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Pods start long after svcproxy does: an interface matching `--interfaces` that appears later
+/// gets the datapath within a second, one re-created under the same name gets it again, one
+/// removed is forgotten (its pin goes), and a pod started later reaches the ClusterIP.
+#[test]
+fn interfaces_that_appear_later_are_attached_within_a_second() {
+    const LIMIT: Duration = Duration::from_secs(1);
+    let mut sb = Sandbox::new("cilate", Ipv4Addr::new(172, 18, 0, 3)).expect("sandbox");
+    sb.add_pod("client", CLIENT).expect("client pod");
+    for (i, ip) in BACKENDS.iter().enumerate() {
+        sb.add_pod(&format!("web-{i}"), *ip).expect("backend pod");
+    }
+    let manifests = Manifests::new();
+    manifests.service("default", "web", VIP, &ports());
+    manifests.slice("default", "web", &endpoints(&BACKENDS), &ports());
+    let proxy = Proxy::start(&sb, manifests.dir(), "tc");
+    proxy.wait_until_serving(&sb, "client", SocketAddrV4::new(VIP, 80));
+
+    // A bare veth whose node side matches the glob (`<prefix>p*`) and whose peer does not.
+    let late = format!("{}p900", sb.prefix());
+    let pin = pin_of(&proxy, &late);
+    let ip_node = |args: &str| {
+        let out = sb
+            .node_command("ip")
+            .args(args.split(' '))
+            .output()
+            .expect("running ip");
+        assert!(
+            out.status.success(),
+            "ip {args}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let attached_to_current = |iface: &str, pin: &std::path::Path| {
+        let now = node_ifindex(&sb, iface);
+        now.is_some() && link_ifindex(pin) == now
+    };
+    let peer = format!("{}q900", sb.prefix());
+    ip_node(&format!("link add {late} type veth peer name {peer}"));
+    let took = within(LIMIT, || attached_to_current(&late, &pin));
+    assert!(took.is_some(), "{late} not attached within {LIMIT:?}");
+    assert!(
+        !pin_of(&proxy, &peer).exists(),
+        "attached to {peer}, which no glob matches"
+    );
+
+    // Deleted and re-created at once: the same name, another interface. The old link died
+    // with the old interface; the new one must get a link of its own.
+    let old = node_ifindex(&sb, &late);
+    ip_node(&format!("link del {late}"));
+    ip_node(&format!("link add {late} type veth peer name {peer}"));
+    assert_ne!(node_ifindex(&sb, &late), old, "the kernel reused the index");
+    let took = within(LIMIT, || attached_to_current(&late, &pin));
+    assert!(
+        took.is_some(),
+        "re-created {late} not attached within {LIMIT:?}"
+    );
+
+    ip_node(&format!("link del {late}"));
+    let took = within(LIMIT, || !pin.exists());
+    assert!(
+        took.is_some(),
+        "the pin of deleted {late} still there after {LIMIT:?}"
+    );
+
+    // A whole pod, started now, is served.
+    let pod = sb.add_pod("late", OTHER).expect("late pod");
+    let took = within(LIMIT, || pin_of(&proxy, &pod.host_veth).exists());
+    assert!(
+        took.is_some(),
+        "the late pod's veth not attached within {LIMIT:?}"
+    );
+    let vip = SocketAddrV4::new(VIP, 80);
+    let answer = in_netns(&pod.netns, move || {
+        tcp_request_here(vip, b"NAME\n", TIMEOUT).map_err(|e| e.to_string())
+    })
+    .expect("entering the late pod");
+    let name = String::from_utf8_lossy(&answer.expect("the late pod reaches the ClusterIP"))
+        .trim()
+        .to_owned();
+    assert!(name.starts_with("web-"), "answered by {name:?}");
+}
+
+fn pin_of(proxy: &Proxy, iface: &str) -> std::path::PathBuf {
+    proxy.pin_dir().join("links").join(format!("tc-{iface}"))
+}
