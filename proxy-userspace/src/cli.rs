@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 
 use crate::{
     health::{DEFAULT_HEALTH_ADDR, DEFAULT_METRICS_ADDR},
-    loader::{Hook, MapSizes},
+    loader::{HookChoice, MapSizes},
     planner::{Ipv4Cidr, PlanOptions},
     run::{RunError, RunOptions, SourceKind, SourceOptions},
 };
@@ -60,12 +60,20 @@ pub struct RunArgs {
     /// Address of the `/healthz` and `/livez` endpoints.
     #[arg(long, default_value_t = DEFAULT_HEALTH_ADDR)]
     pub healthz_bind_address: SocketAddr,
-    /// Interfaces to attach to: comma-separated globs, e.g. `veth*,eth0`.
-    #[arg(long, value_delimiter = ',', required = true)]
+    /// Interfaces to attach to, followed as they appear and go: comma-separated globs, and
+    /// `@default-route` for the devices of the IPv4 default route (the node's uplink). The
+    /// default covers the host ends of common CNIs' pod veths (bridge CNIs and kindnet `veth*`,
+    /// Calico `cali*`, Cilium `lxc*`, GKE `gke*`, AWS VPC CNI `eni*`, Azure `azv*`).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "veth*,cali*,lxc*,gke*,eni*,azv*,@default-route"
+    )]
     pub interfaces: Vec<String>,
-    /// Kernel hook: tc (virtual devices such as veth) or xdp (NICs with a native driver).
-    #[arg(long, value_enum, default_value = "tc")]
-    pub hook: Hook,
+    /// Kernel hook: auto (tc on virtual devices such as veth, native XDP on NICs whose driver
+    /// has it, else tc), tc, or xdp.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub hook: HookChoice,
     /// bpffs directory the maps are pinned in (and adopted from on restart).
     #[arg(long, default_value = "/sys/fs/bpf/svcproxy")]
     pub pin_path: PathBuf,

@@ -67,6 +67,18 @@ impl Hook {
     }
 }
 
+/// What `--hook` asks for: one hook everywhere, or each interface the hook that suits it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum HookChoice {
+    /// tc on software devices (veth, bridge, tunnel); XDP on physical NICs whose driver runs it
+    /// natively, else tc.
+    Auto,
+    /// tc ingress (tcx) everywhere.
+    Tc,
+    /// XDP everywhere (natively where the driver can, else the kernel's generic XDP).
+    Xdp,
+}
+
 /// Map sizes and the Maglev table size, set at load time.
 ///
 /// Memory at the defaults: the controller-written maps (frontends, slots, backends, Maglev) are
@@ -167,6 +179,7 @@ struct Attachment {
     /// Keeps the link open while we run; the pin keeps it attached after.
     _link: FdLink,
     pin: PathBuf,
+    hook: Hook,
     /// The interface's index when attached: one re-created under the same name is another
     /// interface, and the link died with the old one.
     index: u32,
@@ -315,6 +328,36 @@ impl Datapath {
     /// pinned there (replacing its program atomically). Attaching twice is a no-op. A link of
     /// the other hook on `iface` is removed: one datapath per interface.
     pub fn attach(&mut self, iface: &str, hook: Hook) -> Result<(), LoadError> {
+        self.attach_mode(iface, hook, XdpMode::default())
+    }
+
+    /// Attaches to `iface` as `choice` says (see [`HookChoice`]); the hook it got.
+    pub fn attach_as(&mut self, iface: &str, choice: HookChoice) -> Result<Hook, LoadError> {
+        let hook = match choice {
+            HookChoice::Tc => Hook::Tc,
+            HookChoice::Xdp => Hook::Xdp,
+            HookChoice::Auto => {
+                if let Some(a) = self.attached.get(iface) {
+                    return Ok(a.hook);
+                }
+                if iface::is_physical(iface) != Some(true) {
+                    Hook::Tc
+                } else {
+                    // Native only: generic XDP is slower than tc, so tc is the fallback.
+                    match self.attach_mode(iface, Hook::Xdp, XdpMode::Driver) {
+                        Ok(()) => return Ok(Hook::Xdp),
+                        Err(e) => {
+                            tracing::info!(iface, "no native XDP ({e}); attaching tc");
+                            Hook::Tc
+                        }
+                    }
+                }
+            }
+        };
+        self.attach(iface, hook).map(|()| hook)
+    }
+
+    fn attach_mode(&mut self, iface: &str, hook: Hook, xdp_mode: XdpMode) -> Result<(), LoadError> {
         if self.attached.contains_key(iface) {
             return Ok(());
         }
@@ -359,7 +402,7 @@ impl Datapath {
                     }
                     Hook::Xdp => {
                         let xdp: &mut Xdp = program(&mut self.ebpf, XDP_PROGRAM)?;
-                        let id = xdp.attach(iface, XdpMode::Default).map_err(attach_err)?;
+                        let id = xdp.attach(iface, xdp_mode).map_err(attach_err)?;
                         let link = xdp.take_link(id).map_err(attach_err)?;
                         FdLink::try_from(link).map_err(|e| pin_err(e.to_string()))?
                     }
@@ -374,6 +417,7 @@ impl Datapath {
             Attachment {
                 _link: link,
                 pin,
+                hook,
                 index,
             },
         );

@@ -32,7 +32,7 @@ use crate::{
     health::{self, HealthState},
     iface,
     kernel_maps::{KernelMaps, OpenError, StatsReader},
-    loader::{Datapath, Hook, LoadError, MapSizes},
+    loader::{Datapath, HookChoice, LoadError, MapSizes},
     metrics::Metrics,
     planner::{PlanCache, PlanInput, PlanOptions},
     source::{
@@ -97,7 +97,7 @@ pub struct RunOptions {
     /// Operator choices for planning (external IP fence, service-proxy name).
     pub plan: PlanOptions,
     pub interfaces: Vec<String>,
-    pub hook: Hook,
+    pub hook: HookChoice,
     pub pin_path: PathBuf,
     pub node_name: String,
     pub sizes: MapSizes,
@@ -159,16 +159,8 @@ impl From<LoadError> for RunError {
 pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     // First: without these, loading would fail halfway with a bare EPERM.
     caps::check()?;
-    let patterns = opts
-        .interfaces
-        .iter()
-        .map(|g| {
-            glob::Pattern::new(g).map_err(|error| RunError::BadGlob {
-                glob: g.clone(),
-                error,
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let selector = iface::Selector::parse(&opts.interfaces)
+        .map_err(|(glob, error)| RunError::BadGlob { glob, error })?;
     // The one shutdown signal of every task. Cancelled on return too (errors included), so
     // no task outlives the run.
     let shutdown = CancellationToken::new();
@@ -210,7 +202,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     let mut dp = Datapath::load(&opts.pin_path, &opts.sizes)?;
     // Subscribed before the first listing, so an interface created in between is not missed.
     let links = iface::LinkWatch::new().map_err(RunError::ListInterfaces)?;
-    let ifaces = iface::matching(&patterns).map_err(RunError::ListInterfaces)?;
+    let ifaces = selector.matching().map_err(RunError::ListInterfaces)?;
     if ifaces.is_empty() {
         tracing::warn!(
             interfaces = ?opts.interfaces,
@@ -221,11 +213,11 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     // program on the pinned maps, which is what the previous run served. Tearing down working
     // traffic because one interface failed would be worse.
     for found in &ifaces {
-        dp.attach(&found.name, opts.hook)?;
+        dp.attach_as(&found.name, opts.hook)?;
     }
     dp.prune_links();
     let mut interfaces = Interfaces {
-        patterns,
+        selector,
         hook: opts.hook,
         links,
     };
@@ -316,8 +308,8 @@ async fn drain_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
 /// The interfaces the datapath belongs on: those matching `--interfaces`, followed as they come
 /// and go (a pod's veth appears when the pod starts, long after svcproxy did).
 struct Interfaces {
-    patterns: Vec<glob::Pattern>,
-    hook: Hook,
+    selector: iface::Selector,
+    hook: HookChoice,
     links: iface::LinkWatch,
 }
 
@@ -326,7 +318,7 @@ impl Interfaces {
     /// re-created under their name: the old link died with the old interface). Failures are
     /// logged, not fatal: one odd interface must not stop the proxy serving the others.
     fn reconcile(&self, dp: &mut Datapath) {
-        let now = match iface::matching(&self.patterns) {
+        let now = match self.selector.matching() {
             Ok(now) => now,
             Err(e) => return tracing::warn!("cannot list interfaces: {e}"),
         };
@@ -334,7 +326,7 @@ impl Interfaces {
             dp.detach(&gone.name);
         }
         for found in &now {
-            if let Err(e) = dp.attach(&found.name, self.hook) {
+            if let Err(e) = dp.attach_as(&found.name, self.hook) {
                 tracing::warn!("{e}");
             }
         }

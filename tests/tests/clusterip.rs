@@ -420,7 +420,8 @@ fn within(limit: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
 
 /// Pods start long after svcproxy does: an interface matching `--interfaces` that appears later
 /// gets the datapath within a second, one re-created under the same name gets it again, one
-/// removed is forgotten (its pin goes), and a pod started later reaches the ClusterIP.
+/// removed is forgotten (its pin goes), and a pod started later reaches the ClusterIP. With
+/// `--hook auto`, every veth gets tc (the pins are `tc-*`): veths are software devices.
 #[test]
 fn interfaces_that_appear_later_are_attached_within_a_second() {
     const LIMIT: Duration = Duration::from_secs(1);
@@ -432,8 +433,15 @@ fn interfaces_that_appear_later_are_attached_within_a_second() {
     let manifests = Manifests::new();
     manifests.service("default", "web", VIP, &ports());
     manifests.slice("default", "web", &endpoints(&BACKENDS), &ports());
-    let proxy = Proxy::start(&sb, manifests.dir(), "tc");
+    let proxy = Proxy::start(&sb, manifests.dir(), "auto");
     proxy.wait_until_serving(&sb, "client", SocketAddrV4::new(VIP, 80));
+    for pod in sb.pods() {
+        assert!(
+            pin_of(&proxy, &pod.host_veth).exists(),
+            "{} has no tc link",
+            pod.host_veth
+        );
+    }
 
     // A bare veth whose node side matches the glob (`<prefix>p*`) and whose peer does not.
     let late = format!("{}p900", sb.prefix());
@@ -502,4 +510,60 @@ fn interfaces_that_appear_later_are_attached_within_a_second() {
 
 fn pin_of(proxy: &Proxy, iface: &str) -> std::path::PathBuf {
     proxy.pin_dir().join("links").join(format!("tc-{iface}"))
+}
+
+/// `@default-route` in `--interfaces` selects the device of the node's IPv4 default route,
+/// whatever its name, and follows the route when it moves to another device.
+#[test]
+fn the_default_route_device_is_attached_and_followed() {
+    const LIMIT: Duration = Duration::from_secs(1);
+    let sb = Sandbox::new("ciroute", Ipv4Addr::new(172, 18, 0, 4)).expect("sandbox");
+    let ip_node = |args: String| {
+        let out = sb
+            .node_command("ip")
+            .args(args.split(' '))
+            .output()
+            .expect("running ip");
+        assert!(
+            out.status.success(),
+            "ip {args}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // Two uplink candidates that the sandbox's veth glob (`<prefix>p*`) does not match.
+    let uplinks = ["u1", "u2"].map(|u| format!("{}{u}", sb.prefix()));
+    for (i, up) in uplinks.iter().enumerate() {
+        ip_node(format!(
+            "link add {up} type veth peer name {}w{i}",
+            sb.prefix()
+        ));
+        ip_node(format!("link set {up} up"));
+    }
+    ip_node(format!("route add default dev {}", uplinks[0]));
+    let manifests = Manifests::new();
+    let proxy = Proxy::start_with_options(
+        &sb,
+        manifests.dir(),
+        "auto",
+        &["--interfaces", "@default-route"],
+    );
+    let first = pin_of(&proxy, &uplinks[0]);
+    assert!(
+        within(Duration::from_secs(15), || first.exists()).is_some(),
+        "the default-route device {} was not attached",
+        uplinks[0]
+    );
+    assert!(
+        !pin_of(&proxy, &uplinks[1]).exists(),
+        "{} has no default route",
+        uplinks[1]
+    );
+
+    ip_node(format!("route replace default dev {}", uplinks[1]));
+    let second = pin_of(&proxy, &uplinks[1]);
+    assert!(
+        within(LIMIT, || second.exists() && !first.exists()).is_some(),
+        "the default route moved to {}, the attachment did not follow within {LIMIT:?}",
+        uplinks[1]
+    );
 }

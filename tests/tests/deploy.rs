@@ -23,7 +23,7 @@ use serde_yaml::Value;
 use svcproxy::{
     caps,
     cli::{Cli, Command},
-    loader::Hook,
+    loader::HookChoice,
     run::SourceOptions,
 };
 
@@ -404,7 +404,11 @@ fn daemon_set_command_line_is_accepted_by_svcproxy_run() {
         SourceOptions::Kube { kubeconfig: None },
         "the in-cluster service account"
     );
-    assert_eq!(opts.hook, Hook::Tc, "tc: kind's pod interfaces are veths");
+    assert_eq!(
+        opts.hook,
+        HookChoice::Auto,
+        "auto: tc on kind's veths, native XDP where a node has a NIC with it"
+    );
     assert!(
         opts.pin_path.starts_with("/sys/fs/bpf/"),
         "the pins live on the node's bpffs: {}",

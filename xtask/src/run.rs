@@ -57,7 +57,7 @@ pub struct RunArgs {
     /// this cluster; `KUBECONFIG` set does the same.
     #[arg(long, value_name = "PATH")]
     pub kubeconfig: Option<PathBuf>,
-    /// With a cluster: the interfaces to attach to, comma-separated globs [default: veth*,eth0]
+    /// With a cluster: the interfaces to attach to, comma-separated globs [default: veth*,@default-route]
     #[arg(long, value_delimiter = ',')]
     pub interfaces: Vec<String>,
     /// With a cluster: this node's name [default: NODE_NAME, else the hostname]

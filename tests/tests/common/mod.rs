@@ -229,6 +229,14 @@ impl Proxy {
         )
     }
 
+    /// Like [`start`](Self::start), with more options for `svcproxy run` (a repeated
+    /// `--interfaces` adds to the sandbox's veth glob).
+    pub fn start_with_options(sb: &Sandbox, manifests: &Path, hook: &str, extra: &[&str]) -> Self {
+        let mut args = vec!["--manifests".as_ref(), manifests.as_os_str()];
+        args.extend(extra.iter().map(OsStr::new));
+        Self::spawn(sb, &args, hook, Vec::new())
+    }
+
     /// Like [`start`](Self::start), with only the capabilities `caps` (see
     /// [`setpriv_with_only`]) instead of all of root's.
     pub fn start_with_capabilities(

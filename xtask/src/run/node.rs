@@ -19,7 +19,7 @@ use crate::setup;
 
 /// The interfaces attached to unless `--interfaces` says otherwise: the host ends of pod veths
 /// and the node's uplink, where replies from other nodes' backends arrive (deploy/'s default).
-pub const DEFAULT_INTERFACES: &str = "veth*,eth0";
+pub const DEFAULT_INTERFACES: &str = "veth*,@default-route";
 /// Where the maps are pinned unless `--pin-path` says otherwise: the DaemonSet's pin path, so
 /// `bpftool` and a later svcproxy find them in the usual place.
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/svcproxy";
@@ -89,8 +89,8 @@ pub fn svcproxy_args(cluster: &Cluster, args: &RunArgs) -> Vec<OsString> {
         args.interfaces.join(",")
     };
     out.extend(["--interfaces".into(), interfaces.into()]);
-    // tc: pod interfaces are veths, where XDP copies every packet.
-    out.extend(["--hook".into(), "tc".into()]);
+    // auto: tc on the pod veths (where XDP copies every packet), native XDP on a NIC with it.
+    out.extend(["--hook".into(), "auto".into()]);
     let pin_path = args
         .pin_path
         .clone()
@@ -247,11 +247,11 @@ mod tests {
     }
 
     #[test]
-    fn kubeconfig_runs_svcproxy_on_the_node_interfaces_with_tc() {
+    fn kubeconfig_runs_svcproxy_on_the_node_interfaces_with_the_auto_hook() {
         let kc = Cluster::Kubeconfig("/root/.kube/config".into());
         assert_eq!(
             line(&kc, &["--kubeconfig", "/root/.kube/config"]),
-            "run --kubeconfig /root/.kube/config --interfaces veth*,eth0 --hook tc \
+            "run --kubeconfig /root/.kube/config --interfaces veth*,@default-route --hook auto \
              --pin-path /sys/fs/bpf/svcproxy"
         );
         assert_eq!(
@@ -268,7 +268,7 @@ mod tests {
                     "/sys/fs/bpf/test"
                 ]
             ),
-            "run --kubeconfig /root/.kube/config --interfaces cali*,ens5 --hook tc \
+            "run --kubeconfig /root/.kube/config --interfaces cali*,ens5 --hook auto \
              --pin-path /sys/fs/bpf/test --node-name worker-1"
         );
     }
@@ -277,7 +277,7 @@ mod tests {
     fn kubeconfig_env_is_left_for_svcproxy_to_read() {
         assert_eq!(
             line(&Cluster::Env("/a:/b".into()), &[]),
-            "run --source kube --interfaces veth*,eth0 --hook tc --pin-path /sys/fs/bpf/svcproxy"
+            "run --source kube --interfaces veth*,@default-route --hook auto --pin-path /sys/fs/bpf/svcproxy"
         );
     }
 
