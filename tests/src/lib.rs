@@ -13,6 +13,9 @@
 //!   behind it ([`Sandbox::add_pod_behind`]) reach the node only through it, over a link whose
 //!   MTU the test picks, so the path has a real hop that can send ICMP errors.
 //!
+//! A [`Cluster`] joins several sandbox nodes by an underlay bridge, routes each node's pod range
+//! through its node IP, and adds a client namespace outside the cluster (see [`cluster`]).
+//!
 //! Names carry a per-sandbox prefix (tag, pid, counter), so sandboxes in parallel tests do
 //! not collide. Dropping a [`Sandbox`] deletes everything it made, also during a panic.
 //!
@@ -22,6 +25,7 @@
 
 pub mod apiserver;
 pub mod client;
+pub mod cluster;
 pub mod cmd;
 pub mod echo;
 pub mod netns;
@@ -29,6 +33,7 @@ pub mod sandbox;
 pub mod sockopt;
 
 pub use client::{RequestError, tcp_request, tcp_request_here, udp_request, udp_request_here};
+pub use cluster::Cluster;
 pub use echo::{bulk_byte, bulk_pattern};
 pub use netns::{command_in, in_netns, list_netns, netns_exists, spawn_in_netns};
 pub use sandbox::{PodInfo, PodOptions, Sandbox};

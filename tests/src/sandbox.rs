@@ -620,7 +620,7 @@ fn validate_pod_name(name: &str) -> Result<()> {
 /// Writes `/proc/sys` settings from a thread inside `netns` (`/proc/sys/net` shows the
 /// writing thread's namespace). IPv6 is always switched off: the sandbox is IPv4-only, and
 /// router solicitations and DAD would otherwise add stray packets to every veth.
-fn set_sysctls(netns: &str, settings: &[(&str, &str)]) -> Result<()> {
+pub(crate) fn set_sysctls(netns: &str, settings: &[(&str, &str)]) -> Result<()> {
     let mut all: Vec<(String, String)> = settings
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -644,7 +644,7 @@ fn set_sysctls(netns: &str, settings: &[(&str, &str)]) -> Result<()> {
 
 /// `ip -n NETNS ARGS...` with `args` split on whitespace; only for arguments built from
 /// validated names, IPs and MACs, which never contain spaces.
-fn ip_in(netns: &str, args: &str) -> Result<String> {
+pub(crate) fn ip_in(netns: &str, args: &str) -> Result<String> {
     ip(["-n", netns].into_iter().chain(args.split_whitespace()))
 }
 
@@ -656,7 +656,7 @@ fn hosts_path(netns: &str) -> PathBuf {
     Path::new(ETC_NETNS).join(netns).join("hosts")
 }
 
-fn remove_etc_netns(netns: &str) -> Result<()> {
+pub(crate) fn remove_etc_netns(netns: &str) -> Result<()> {
     let dir = Path::new(ETC_NETNS).join(netns);
     match fs::remove_dir_all(&dir) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => {

@@ -11,8 +11,8 @@ use std::{
 };
 
 use svcproxy_tests::{
-    RequestError, Sandbox, bulk_pattern, cmd, command_in, in_netns, list_netns, netns_exists,
-    tcp_request, tcp_request_here, udp_request, udp_request_here,
+    Cluster, RequestError, Sandbox, bulk_pattern, cluster::EXTERNAL_IP, cmd, command_in, in_netns,
+    list_netns, netns_exists, tcp_request, tcp_request_here, udp_request, udp_request_here,
 };
 
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 2);
@@ -436,4 +436,72 @@ fn sandbox_needs_root() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("1 passed"), "{stdout}");
+}
+
+/// The kind of the I/O error behind a failed request.
+fn failure_kind(e: &anyhow::Error) -> Option<io::ErrorKind> {
+    e.downcast_ref::<RequestError>().map(RequestError::kind)
+}
+
+/// Two nodes on an underlay: pods on different nodes talk directly (no NAT: each sees the
+/// other's pod IP), the external client reaches node IPs but not pod IPs, and a route the test
+/// adds for an extra address leads the external client to that node.
+#[test]
+fn cluster_nodes_route_pod_ranges_and_the_outside_sees_only_nodes() {
+    let mut cluster = Cluster::new("clus", 2).expect("cluster");
+    let (a_ip, b_ip) = (Cluster::pod_ip(0, 2), Cluster::pod_ip(1, 2));
+    let a = cluster
+        .node_mut(0)
+        .add_pod("a", a_ip)
+        .expect("pod a on node 0");
+    let b = cluster
+        .node_mut(1)
+        .add_pod("b", b_ip)
+        .expect("pod b on node 1");
+
+    let reply = tcp_request(&a.netns, echo(b_ip), b"PEER\n", TIMEOUT).expect("a -> b across nodes");
+    let peer = String::from_utf8_lossy(&reply);
+    assert!(
+        peer.starts_with(&format!("{a_ip}:")),
+        "b saw {peer}: NAT in the way"
+    );
+    let (reply, _) = udp_request(&b.netns, echo(a_ip), b"ping", TIMEOUT).expect("UDP b -> a");
+    assert_eq!(reply, b"a 4");
+
+    let ext = cluster.external_netns().to_owned();
+    for i in 0..2 {
+        // Nothing listens on the node: a refusal proves the address answered.
+        let addr = SocketAddrV4::new(Cluster::node_ip(i), 1);
+        let e = tcp_request(&ext, addr, b"x", TIMEOUT).expect_err("nothing listens on node port 1");
+        assert_eq!(
+            failure_kind(&e),
+            Some(io::ErrorKind::ConnectionRefused),
+            "{e:#}"
+        );
+    }
+    let e = tcp_request(&ext, echo(a_ip), b"NAME\n", TIMEOUT).expect_err("pods are not routed");
+    assert_eq!(
+        failure_kind(&e),
+        Some(io::ErrorKind::NetworkUnreachable),
+        "{e:#}"
+    );
+
+    // An address routed to node 1 from outside is delivered there: pod b's IP, as a stand-in.
+    cluster
+        .route_external(&format!("{b_ip}/32"), 1)
+        .expect("external route");
+    let reply =
+        tcp_request(&ext, echo(b_ip), b"PEER\n", TIMEOUT).expect("external -> b via node 1");
+    let peer = String::from_utf8_lossy(&reply);
+    assert!(peer.starts_with(&format!("{EXTERNAL_IP}:")), "b saw {peer}");
+
+    let prefixes: Vec<String> = cluster
+        .nodes()
+        .iter()
+        .map(|n| n.prefix().to_owned())
+        .collect();
+    drop(cluster);
+    for prefix in prefixes {
+        assert_eq!(leftovers(&prefix), Vec::<String>::new());
+    }
 }
