@@ -19,5 +19,6 @@ pub mod manifest;
 pub mod metrics;
 pub mod planner;
 pub mod run;
+pub mod service_health;
 pub mod source;
 pub mod writer;
