@@ -403,6 +403,19 @@ impl LongStream {
     }
 }
 
+impl LongStream {
+    /// Waits up to `limit` for the stream to end on its own (broken), then
+    /// [`finish`](Self::finish)es it: for checking the checker, whose stop could otherwise
+    /// come before the break is seen.
+    pub fn finish_when_broken(self, limit: Duration) -> StreamReport {
+        let deadline = Instant::now() + limit;
+        while self.thread.as_ref().is_some_and(|t| !t.is_finished()) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        self.finish()
+    }
+}
+
 impl Drop for LongStream {
     /// Dropped unfinished (a test failed): the reader stops at its next pace.
     fn drop(&mut self) {
