@@ -257,26 +257,27 @@ impl Conn<'_> {
         }
     }
 
-    /// Writes all of `data`, giving up after [`IDLE`] without progress.
+    /// Writes all of `data`, giving up after [`IDLE`] without progress or when the server
+    /// stops. The stop flag is looked at before every write, not only after a timeout: a
+    /// client that keeps reading a long `BULK` never lets a write time out.
     fn write_all(&mut self, mut data: &[u8]) -> io::Result<()> {
         let mut deadline = Instant::now() + IDLE;
         while !data.is_empty() {
+            self.check(deadline)?;
             match self.stream.write(data) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     data = &data[n..];
                     deadline = Instant::now() + IDLE;
                 }
+                // Looked at again by `check` at the top of the loop.
                 Err(e)
                     if matches!(
                         e.kind(),
                         io::ErrorKind::WouldBlock
                             | io::ErrorKind::TimedOut
                             | io::ErrorKind::Interrupted
-                    ) =>
-                {
-                    self.check(deadline)?;
-                }
+                    ) => {}
                 Err(e) => return Err(e),
             }
         }

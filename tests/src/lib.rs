@@ -21,13 +21,16 @@
 //!
 //! Clients: [`tcp_request`] / [`udp_request`] enter a namespace for one exchange; inside
 //! [`in_netns`], [`tcp_request_here`] / [`udp_request_here`] do many on one thread; [`sockopt`]
-//! has the socket controls (path MTU, ICMP error queue, fixed source ports) beyond `std::net`.
+//! has the socket controls (path MTU, ICMP error queue, fixed source ports) beyond `std::net`;
+//! [`load`] keeps a steady rate of new connections and a long stream going through a Service
+//! while a test upgrades or kills the proxy.
 
 pub mod apiserver;
 pub mod client;
 pub mod cluster;
 pub mod cmd;
 pub mod echo;
+pub mod load;
 pub mod netns;
 pub mod sandbox;
 pub mod sockopt;

@@ -11,8 +11,11 @@ use std::{
 };
 
 use svcproxy_tests::{
-    Cluster, RequestError, Sandbox, bulk_pattern, cluster::EXTERNAL_IP, cmd, command_in, in_netns,
-    list_netns, netns_exists, tcp_request, tcp_request_here, udp_request, udp_request_here,
+    Cluster, RequestError, Sandbox, bulk_pattern,
+    cluster::EXTERNAL_IP,
+    cmd, command_in, in_netns, list_netns,
+    load::{ConnectionLoad, LoadOptions, LongStream},
+    netns_exists, tcp_request, tcp_request_here, udp_request, udp_request_here,
 };
 
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 2);
@@ -198,6 +201,69 @@ fn many_connections_from_one_thread() {
         start.elapsed() < Duration::from_secs(20),
         "took {:?}",
         start.elapsed()
+    );
+}
+
+/// The upgrade tests' load generator: connections at a rate, each proven by its reply, and a
+/// long stream checked byte by byte. It must count what goes wrong, not only what goes right:
+/// a refusal, a reply from the wrong pod, and a stream whose server goes away.
+#[test]
+fn the_load_generator_counts_every_failure_and_a_broken_stream() {
+    let mut sandbox = two_pods("load");
+    let a = sandbox.pod("a").expect("pod a").netns.clone();
+    let run = |addr: SocketAddrV4, backend: &str| {
+        let options = LoadOptions {
+            rate: 200,
+            ..LoadOptions::default()
+        };
+        let load = ConnectionLoad::start(&a, addr, &[backend.to_owned()], options).expect("load");
+        std::thread::sleep(Duration::from_millis(500));
+        load.finish()
+    };
+
+    let report = run(echo(POD_B), "b");
+    assert!(report.attempted() > 0, "{}", report.summary());
+    assert_eq!(
+        report.succeeded(),
+        report.attempted(),
+        "{}",
+        report.summary()
+    );
+    assert_eq!(
+        report.answered_by().into_iter().collect::<Vec<_>>(),
+        [("b", report.attempted())]
+    );
+
+    let report = run(SocketAddrV4::new(POD_B, 9), "b");
+    assert!(report.attempted() > 0, "{}", report.summary());
+    assert_eq!(report.succeeded(), 0, "{}", report.summary());
+    let causes = report.failure_summary();
+    assert!(
+        causes.len() == 1 && causes[0].contains("Connection refused"),
+        "{causes:?}"
+    );
+
+    let report = run(echo(POD_B), "c");
+    assert_eq!(report.succeeded(), 0, "{}", report.summary());
+    assert!(
+        report.failures().all(|c| c
+            .outcome
+            .as_ref()
+            .is_err_and(|e| e == "reply \"b\" is from no backend")),
+        "{:?}",
+        report.failure_summary()
+    );
+
+    let stream = LongStream::start(&a, echo(POD_B), Duration::from_secs(1)).expect("stream");
+    std::thread::sleep(Duration::from_millis(300));
+    let before = stream.received();
+    assert!(before > 0, "the stream got nothing");
+    // The pod goes, and with it the server end of the stream.
+    sandbox.remove_pod("b").expect("remove pod b");
+    let report = stream.finish_when_broken(Duration::from_secs(5));
+    assert!(
+        report.broken.is_some() && report.received >= before,
+        "{report:?}"
     );
 }
 

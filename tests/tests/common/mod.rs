@@ -307,6 +307,13 @@ impl Proxy {
     }
 
     fn run(sb: &Sandbox, wrapper: &[OsString], args: &[OsString]) -> Child {
+        Self::build(sb, wrapper, args)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting svcproxy: {e}"))
+    }
+
+    fn build(sb: &Sandbox, wrapper: &[OsString], args: &[OsString]) -> std::process::Command {
         let mut cmd = match wrapper.split_first() {
             Some((program, wrapper_args)) => {
                 let mut cmd = sb.node_command(program);
@@ -315,11 +322,8 @@ impl Proxy {
             }
             None => sb.node_command(svcproxy_bin()),
         };
-        cmd.args(args)
-            .env("SVCPROXY_LOG", "info")
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting svcproxy: {e}"))
+        cmd.args(args).env("SVCPROXY_LOG", "info");
+        cmd
     }
 
     /// Stops svcproxy (it must exit cleanly) and starts it again with the same options and
@@ -342,6 +346,29 @@ impl Proxy {
         let status = child.wait().expect("reap svcproxy");
         assert!(!status.success(), "killed, yet exited with {status:?}");
         self.child = Some(Self::run(sb, &self.wrapper, &self.args));
+    }
+
+    /// Starts a second svcproxy over this one's pins, with the same options plus `extra`
+    /// (e.g. other metrics and health addresses, which the running one still holds), as a
+    /// surge upgrade does: the new process starts before the old one stops and takes the
+    /// links over from it. Stop the old one with [`stop_keeping_pins`](Self::stop_keeping_pins)
+    /// afterwards, or its drop removes the pins the new one uses.
+    pub fn start_alongside(&self, sb: &Sandbox, extra: &[&str]) -> Self {
+        let mut args = self.args.clone();
+        args.extend(extra.iter().map(OsString::from));
+        let child = Self::run(sb, &self.wrapper, &args);
+        Self {
+            child: Some(child),
+            pin_dir: self.pin_dir.clone(),
+            args,
+            wrapper: self.wrapper.clone(),
+        }
+    }
+
+    /// The command line this svcproxy was started with (same pins, same options), to run
+    /// another one to completion over its pins and look at what it printed.
+    pub fn command(&self, sb: &Sandbox) -> std::process::Command {
+        Self::build(sb, &self.wrapper, &self.args)
     }
 
     pub fn pin_dir(&self) -> &Path {
