@@ -13,6 +13,8 @@
 pub mod backend;
 pub mod conntrack;
 pub mod csum;
+pub mod meta;
+pub mod select;
 pub mod service;
 pub mod stats;
 

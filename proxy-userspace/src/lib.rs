@@ -20,4 +20,5 @@ pub mod metrics;
 pub mod planner;
 pub mod run;
 pub mod source;
+pub mod svc_meta;
 pub mod writer;
