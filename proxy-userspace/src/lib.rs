@@ -12,6 +12,7 @@ pub mod counters;
 pub mod desired;
 pub mod health;
 pub mod iface;
+pub mod inspect;
 pub mod kernel_maps;
 pub mod loader;
 pub mod maglev;
