@@ -44,8 +44,12 @@ pub enum InspectError {
          version that runs, or let this one start once to create it"
     )]
     MissingMap { path: PathBuf },
-    #[error("cannot open {path} read-only: {source} (inspection needs CAP_BPF, as root has)")]
-    Open { path: PathBuf, source: io::Error },
+    #[error("cannot open {path} read-only: {source}{hint}")]
+    Open {
+        path: PathBuf,
+        source: io::Error,
+        hint: &'static str,
+    },
     #[error("{path} does not have this build's layout: {reason}")]
     Layout { path: PathBuf, reason: String },
     #[error("reading map {map} failed: {reason}")]

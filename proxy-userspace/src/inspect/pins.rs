@@ -99,8 +99,14 @@ fn open_read_only(path: &Path) -> Result<OwnedFd, InspectError> {
             path: path.to_owned(),
         });
     }
-    let open_err = |source| InspectError::Open {
+    let open_err = |source: io::Error| InspectError::Open {
         path: path.to_owned(),
+        hint: match source.raw_os_error() {
+            Some(libc::EPERM | libc::EACCES) => {
+                " (inspection needs CAP_BPF and access to the pin directory, as root has)"
+            }
+            _ => "",
+        },
         source,
     };
     let c_path = CString::new(path.as_os_str().as_encoded_bytes())
