@@ -28,6 +28,47 @@ pub const CT_TIMEOUT_UDP_NS: u64 = 60 * 1_000_000_000;
 /// `last_seen_ns` is written at most this often, to keep the established path read-mostly.
 pub const CT_REFRESH_NS: u64 = 1_000_000_000;
 
+/// IP protocol number of TCP, the one protocol whose flows have states.
+pub const PROTO_TCP: u8 = 6;
+/// TCP header flags the flow table follows.
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// How long an entry lives without traffic, by protocol and TCP state (`CT_F_*` flags).
+#[inline(always)]
+pub const fn ct_timeout_ns(proto: u8, flags: u16) -> u64 {
+    if proto != PROTO_TCP {
+        CT_TIMEOUT_UDP_NS
+    } else if flags & CT_F_CLOSING != 0 {
+        CT_TIMEOUT_CLOSING_NS
+    } else if flags & CT_F_SYN_ONLY != 0 {
+        CT_TIMEOUT_SYN_NS
+    } else {
+        CT_TIMEOUT_TCP_NS
+    }
+}
+
+/// Whether an entry (its `last_seen_ns` and `flags`) may carry a packet of protocol `proto`
+/// with TCP flags `tcp_flags` at `now_ns`: not idle past its timeout, and not a closed TCP flow
+/// whose tuple a new connection (a bare SYN) is reusing. Shared by the datapath and
+/// `svcproxy explain`.
+#[inline(always)]
+pub const fn ct_is_live(
+    last_seen_ns: u64,
+    flags: u16,
+    proto: u8,
+    tcp_flags: u8,
+    now_ns: u64,
+) -> bool {
+    if now_ns.wrapping_sub(last_seen_ns) > ct_timeout_ns(proto, flags) {
+        return false;
+    }
+    let bare_syn = tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    !(proto == PROTO_TCP && bare_syn && flags & CT_F_CLOSING != 0)
+}
+
 /// Key of [`CT4`], in the orientation of the packet that looks it up.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]

@@ -13,6 +13,8 @@
 pub mod backend;
 pub mod conntrack;
 pub mod csum;
+pub mod meta;
+pub mod select;
 pub mod service;
 pub mod stats;
 
@@ -72,6 +74,32 @@ mod tests {
         assert_eq!(
             bytes_of(&key),
             &[10, 244, 0, 2, 10, 96, 0, 10, 0x9c, 0x40, 0, 80, 17, 1, 0, 0]
+        );
+    }
+
+    /// The liveness rule both the datapath and `svcproxy explain` apply.
+    #[test]
+    fn conntrack_entries_live_until_their_timeout_and_a_closed_flow_yields_to_a_new_syn() {
+        use crate::conntrack::{
+            CT_F_CLOSING, CT_F_SYN_ONLY, CT_TIMEOUT_CLOSING_NS, CT_TIMEOUT_SYN_NS,
+            CT_TIMEOUT_TCP_NS, CT_TIMEOUT_UDP_NS, PROTO_TCP, TCP_ACK, TCP_SYN, ct_is_live,
+            ct_timeout_ns,
+        };
+        assert_eq!(ct_timeout_ns(17, CT_F_CLOSING), CT_TIMEOUT_UDP_NS);
+        assert_eq!(ct_timeout_ns(PROTO_TCP, 0), CT_TIMEOUT_TCP_NS);
+        assert_eq!(ct_timeout_ns(PROTO_TCP, CT_F_SYN_ONLY), CT_TIMEOUT_SYN_NS);
+        assert_eq!(
+            ct_timeout_ns(PROTO_TCP, CT_F_CLOSING | CT_F_SYN_ONLY),
+            CT_TIMEOUT_CLOSING_NS
+        );
+        let t0 = 1_000;
+        assert!(ct_is_live(t0, 0, 17, 0, t0 + CT_TIMEOUT_UDP_NS));
+        assert!(!ct_is_live(t0, 0, 17, 0, t0 + CT_TIMEOUT_UDP_NS + 1));
+        assert!(ct_is_live(t0, CT_F_CLOSING, PROTO_TCP, TCP_ACK, t0 + 1));
+        assert!(!ct_is_live(t0, CT_F_CLOSING, PROTO_TCP, TCP_SYN, t0 + 1));
+        assert!(
+            ct_is_live(t0, 0, PROTO_TCP, TCP_SYN, t0 + 1),
+            "a SYN retransmit"
         );
     }
 

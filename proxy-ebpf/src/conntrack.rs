@@ -4,14 +4,13 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use proxy_common::conntrack::{
-    CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_CLOSING, CT_F_SYN_ONLY, CT_REFRESH_NS,
-    CT_TIMEOUT_CLOSING_NS, CT_TIMEOUT_SYN_NS, CT_TIMEOUT_TCP_NS, CT_TIMEOUT_UDP_NS, CtEntry4,
-    CtKey4,
+    CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_CLOSING, CT_F_SYN_ONLY, CT_REFRESH_NS, CtEntry4, CtKey4,
+    ct_is_live,
 };
 
 use crate::{
     maps::CT4,
-    parse::{Flow4, PROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    parse::{Flow4, PROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST},
 };
 
 #[inline(always)]
@@ -53,29 +52,16 @@ pub fn reply_key_of(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -
     }
 }
 
-/// How long an entry lives without traffic, by protocol and TCP state.
-#[inline(always)]
-fn timeout_ns(proto: u8, flags: u16) -> u64 {
-    if proto != PROTO_TCP {
-        CT_TIMEOUT_UDP_NS
-    } else if flags & CT_F_CLOSING != 0 {
-        CT_TIMEOUT_CLOSING_NS
-    } else if flags & CT_F_SYN_ONLY != 0 {
-        CT_TIMEOUT_SYN_NS
-    } else {
-        CT_TIMEOUT_TCP_NS
-    }
-}
-
-/// Whether `entry` may carry this packet: not idle past its timeout, and not a closed TCP flow
-/// whose tuple a new connection (a bare SYN) is reusing.
+/// Whether `entry` may carry this packet (see [`ct_is_live`]).
 #[inline(always)]
 pub fn is_live(entry: &CtEntry4, flow: &Flow4, now: u64) -> bool {
-    if now.wrapping_sub(entry.last_seen_ns) > timeout_ns(flow.proto, entry.flags) {
-        return false;
-    }
-    let bare_syn = flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    !(flow.proto == PROTO_TCP && bare_syn && entry.flags & CT_F_CLOSING != 0)
+    ct_is_live(
+        entry.last_seen_ns,
+        entry.flags,
+        flow.proto,
+        flow.tcp_flags,
+        now,
+    )
 }
 
 /// Notes TCP state changes and refreshes the idle clock, writing the entry only when something

@@ -7,6 +7,7 @@ use aya_log_ebpf::error;
 use proxy_common::{
     backend::{BACKEND_ACTIVE, Backend4, reply_filter_slot},
     conntrack::{AffinityEntry, AffinityKey4, CT_DIR_REPLY, CtEntry4, CtKey4, FragKey4, FragPorts},
+    select::{affinity_fresh, maglev_flow_hash, maglev_index, random_slot},
     service::{Frontend4Key, SVC_F_AFFINITY, SVC_F_MAGLEV, SVC_F_POLICY_DROP, Service4, SlotKey},
     stats::*,
 };
@@ -185,8 +186,7 @@ fn select<'a, P: Packet>(
     if svc.flags & SVC_F_AFFINITY != 0 {
         // SAFETY: values are written whole.
         if let Some(a) = unsafe { AFFINITY4.get(aff_key) } {
-            let fresh =
-                now.wrapping_sub(a.last_seen_ns) <= svc.affinity_timeout_s as u64 * 1_000_000_000;
+            let fresh = affinity_fresh(now, a.last_seen_ns, svc.affinity_timeout_s);
             // SAFETY: backend values are written whole by the controller.
             match unsafe { BACKENDS4.get(a.backend_id) } {
                 Some(b) if fresh && b.svc_id == svc.svc_id && b.state == BACKEND_ACTIVE => {
@@ -200,13 +200,12 @@ fn select<'a, P: Packet>(
     let (table_key, slot) = if svc.flags & SVC_F_MAGLEV != 0 {
         // SAFETY: a plain read of a global the loader sets before the program runs.
         let m = unsafe { core::ptr::read_volatile(&MAGLEV_TABLE_SIZE) };
-        (true, flow_hash(flow) % m.max(1))
+        (true, maglev_index(flow_hash(flow), m))
     } else {
-        // Modulo of a random number: uniform enough for counts far below 2^32.
         // SAFETY: helper without arguments.
         (
             false,
-            unsafe { bpf_get_prandom_u32() } % svc.backend_count as u32 + 1,
+            random_slot(unsafe { bpf_get_prandom_u32() }, svc.backend_count),
         )
     };
     let key = SlotKey {
@@ -250,21 +249,10 @@ fn remember(key: &AffinityKey4, backend_id: u32, now: u64) {
     );
 }
 
-/// The flow's 5-tuple hashed for Maglev (murmur3's finaliser per word).
+/// The flow's 5-tuple hashed for Maglev (shared with `svcproxy explain`).
 #[inline(always)]
 fn flow_hash(flow: &Flow4) -> u32 {
-    #[inline(always)]
-    fn mix(mut h: u32) -> u32 {
-        h ^= h >> 16;
-        h = h.wrapping_mul(0x85eb_ca6b);
-        h ^= h >> 13;
-        h = h.wrapping_mul(0xc2b2_ae35);
-        h ^ (h >> 16)
-    }
-    let mut h = mix(flow.saddr ^ 0x9e37_79b9);
-    h = mix(h ^ flow.daddr);
-    h = mix(h ^ ((flow.sport as u32) << 16 | flow.dport as u32));
-    mix(h ^ flow.proto as u32)
+    maglev_flow_hash(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto)
 }
 
 /// A slot within the backend count names no backend: the controller's write order rules this

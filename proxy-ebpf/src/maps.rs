@@ -13,6 +13,7 @@ use aya_ebpf::{
 use proxy_common::{
     backend::{Backend4, REPLY_FILTER_SIZE},
     conntrack::{AffinityEntry, AffinityKey4, CtEntry4, CtKey4, FragKey4, FragPorts},
+    meta::ServiceMeta,
     service::{Frontend4Key, Service4, Slot, SlotKey},
     stats::{STAT_COUNT, SvcStats},
 };
@@ -60,6 +61,12 @@ pub static STATS: PerCpuArray<u64, { STAT_COUNT as usize }> = PerCpuArray::new()
 /// Per-service traffic counters, indexed by service id.
 #[btf_map]
 pub static SVC_STATS: PerCpuArray<SvcStats, 65_536> = PerCpuArray::new();
+
+/// Service id -> namespace, name, port name and why the frontend is what it is. Only the
+/// controller writes it and only inspection (`svcproxy inspect`, `explain`, `bpftool`) reads it:
+/// it is declared here, unread, so that it carries BTF like every other map.
+#[btf_map]
+pub static SVC_META: HashMap<u32, ServiceMeta, 65_536, NO_PREALLOC> = HashMap::new();
 
 /// Maglev table size (a prime), set by the controller at load time.
 #[unsafe(no_mangle)]

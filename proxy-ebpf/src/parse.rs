@@ -8,18 +8,13 @@ use network_types::{
     tcp::TcpHdr,
     udp::UdpHdr,
 };
+pub use proxy_common::conntrack::{PROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 use crate::packet::{L4Csum, Packet, ptr_at};
 
 pub const PROTO_ICMP: u8 = 1;
-pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 pub const PROTO_SCTP: u8 = 132;
-
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-pub const TCP_ACK: u8 = 0x10;
 
 /// Offsets inside an IPv4 header.
 pub const IP_CSUM_OFF: usize = 10;

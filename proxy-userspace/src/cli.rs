@@ -7,10 +7,18 @@ use clap::{Parser, Subcommand};
 
 use crate::{
     health::{DEFAULT_HEALTH_ADDR, DEFAULT_METRICS_ADDR},
+    inspect::{
+        Request,
+        args::{Destination, ServiceRef, Source},
+        render::Output,
+    },
     loader::{HookChoice, MapSizes},
     planner::{Ipv4Cidr, PlanOptions},
     run::{RunError, RunOptions, SourceKind, SourceOptions},
 };
+
+/// Where `svcproxy run` pins its maps and links unless told otherwise.
+pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/svcproxy";
 
 #[derive(Parser)]
 #[command(
@@ -32,9 +40,69 @@ pub enum Command {
     /// lost): for uninstalling, with svcproxy stopped.
     Cleanup {
         /// The bpffs directory `svcproxy run` pinned into.
-        #[arg(long, default_value = "/sys/fs/bpf/svcproxy")]
+        #[arg(long, default_value = DEFAULT_PIN_PATH)]
         pin_path: PathBuf,
     },
+    /// Show what the datapath holds, read from its pinned maps (also while svcproxy is down).
+    Inspect {
+        #[command(subcommand)]
+        what: InspectCommand,
+    },
+    /// Say what the datapath would do with a packet from SRC to DST, and why: which backend
+    /// (an existing flow's, the client's affinity, a Maglev entry, a random slot), or a drop or
+    /// reject. Read from the pinned maps (also while svcproxy is down).
+    Explain {
+        /// The client: SRC_IP, or SRC_IP:PORT to consult conntrack and compute Maglev exactly.
+        src: Source,
+        /// The frontend: DST_IP:PORT/PROTO (tcp, udp or sctp).
+        dst: Destination,
+        #[command(flatten)]
+        maps: ReadArgs,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum InspectCommand {
+    /// Every frontend with its Service, backends (state and weight), reasons and counters.
+    Services {
+        #[command(flatten)]
+        maps: ReadArgs,
+    },
+    /// The flows in conntrack, with the Service and backend each is translated to.
+    Flows {
+        /// Only the flows of this Service (NAMESPACE/NAME).
+        #[arg(long)]
+        service: Option<ServiceRef>,
+        #[command(flatten)]
+        maps: ReadArgs,
+    },
+}
+
+/// Where inspection reads from and how it prints.
+#[derive(clap::Args)]
+pub struct ReadArgs {
+    /// The bpffs directory `svcproxy run` pinned into.
+    #[arg(long, default_value = DEFAULT_PIN_PATH)]
+    pub pin_path: PathBuf,
+    /// `table` for people, `json` for tools.
+    #[arg(long, short, value_enum, default_value = "table")]
+    pub output: Output,
+}
+
+impl Command {
+    /// The inspection this command asks for, with its options; `None` for other commands.
+    pub fn inspection(&self) -> Option<(Request, &ReadArgs)> {
+        match self {
+            Self::Inspect {
+                what: InspectCommand::Services { maps },
+            } => Some((Request::Services, maps)),
+            Self::Inspect {
+                what: InspectCommand::Flows { service, maps },
+            } => Some((Request::Flows(service.clone()), maps)),
+            Self::Explain { src, dst, maps } => Some((Request::Explain(*src, *dst), maps)),
+            _ => None,
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -75,7 +143,7 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value = "auto")]
     pub hook: HookChoice,
     /// bpffs directory the maps are pinned in (and adopted from on restart).
-    #[arg(long, default_value = "/sys/fs/bpf/svcproxy")]
+    #[arg(long, default_value = DEFAULT_PIN_PATH)]
     pub pin_path: PathBuf,
     /// This node's name (for node-local traffic policies, its zone and its health); default:
     /// the hostname.
@@ -161,5 +229,90 @@ impl RunArgs {
             metrics_addr: self.metrics_bind_address,
             health_addr: self.healthz_bind_address,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, String> {
+        Cli::try_parse_from(std::iter::once("svcproxy").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())
+    }
+
+    fn inspection(args: &[&str]) -> (Request, PathBuf, Output) {
+        let cli = parse(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        match cli.command.inspection() {
+            Some((request, read)) => (request, read.pin_path.clone(), read.output),
+            None => panic!("{args:?} is no inspection"),
+        }
+    }
+
+    #[test]
+    fn inspection_commands_take_the_run_pin_path_and_an_output() {
+        let (request, pins, output) = inspection(&["inspect", "services"]);
+        assert_eq!(
+            (request, pins, output),
+            (Request::Services, DEFAULT_PIN_PATH.into(), Output::Table)
+        );
+        let (request, pins, output) = inspection(&[
+            "inspect",
+            "flows",
+            "--service",
+            "dev/web",
+            "--pin-path",
+            "/sys/fs/bpf/x",
+            "-o",
+            "json",
+        ]);
+        let web = ServiceRef {
+            namespace: "dev".into(),
+            name: "web".into(),
+        };
+        assert_eq!(
+            (request, pins, output),
+            (
+                Request::Flows(Some(web)),
+                "/sys/fs/bpf/x".into(),
+                Output::Json
+            )
+        );
+        let (request, ..) = inspection(&["explain", "10.244.0.2:40000", "10.96.0.10:80/udp"]);
+        let want = Request::Explain(
+            Source {
+                addr: Ipv4Addr::new(10, 244, 0, 2),
+                port: Some(40000),
+            },
+            Destination {
+                addr: Ipv4Addr::new(10, 96, 0, 10),
+                port: 80,
+                proto: 17,
+            },
+        );
+        assert_eq!(request, want);
+        assert!(parse(&["cleanup"]).is_ok_and(|c| c.command.inspection().is_none()));
+    }
+
+    #[test]
+    fn malformed_inspection_arguments_are_refused_with_the_reason() {
+        for (args, want) in [
+            (&["explain", "10.244.0.2", "10.96.0.10:80"][..], "no /PROTO"),
+            (
+                &["explain", "10.244.0.x", "10.96.0.10:80/tcp"],
+                "not an IPv4 address",
+            ),
+            (&["explain", "10.244.0.2"], "DST"),
+            (&["inspect", "flows", "--service", "web"], "NAMESPACE/NAME"),
+            (&["inspect", "services", "-o", "yaml"], "yaml"),
+        ] {
+            match parse(args) {
+                Err(e) if e.contains(want) => {}
+                Err(e) => panic!("{args:?}: error does not mention {want:?}: {e}"),
+                Ok(_) => panic!("{args:?} was accepted"),
+            }
+        }
     }
 }

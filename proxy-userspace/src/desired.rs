@@ -111,6 +111,34 @@ pub struct FrontendState {
     /// With no active backend: drop (endpoints exist, none usable for traffic here) rather
     /// than reject (no endpoints at all).
     pub drop_when_empty: bool,
+    /// Why the backends are the ones they are (for inspection only).
+    pub selection: Selection,
+}
+
+/// Why a frontend's backends are what they are: written to the pinned metadata map for
+/// `svcproxy explain`; the datapath never needs it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Selection {
+    pub addr_kind: AddrKind,
+    /// `internalTrafficPolicy: Local`: only this node's endpoints.
+    pub node_local: bool,
+    /// Topology-aware routing kept only the endpoints hinted for this zone.
+    pub topology_zone: Option<String>,
+    /// The Service asks for topology-aware routing but its hints do not allow it.
+    pub topology_ignored: bool,
+    /// No ready endpoint: the serving and terminating ones take new flows.
+    pub terminating_fallback: bool,
+    /// `externalTrafficPolicy: Local`, not applied to pod traffic to an external or LB IP.
+    pub external_local_not_applied: bool,
+}
+
+/// Which of the Service's addresses a frontend serves.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum AddrKind {
+    #[default]
+    ClusterIp,
+    ExternalIp,
+    LoadBalancer,
 }
 
 impl FrontendState {

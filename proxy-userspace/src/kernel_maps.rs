@@ -8,6 +8,7 @@ use aya::{
 };
 use proxy_common::{
     backend::{BACKENDS4, Backend4, REPLY_FILTER, REPLY_FILTER_SIZE},
+    meta::{SVC_META, ServiceMeta},
     service::{FRONTENDS4, Frontend4Key, MAGLEV4, SLOTS, Service4, Slot, SlotKey},
     stats::{STAT_COUNT, STATS, SVC_STATS, SvcStats},
 };
@@ -22,6 +23,7 @@ pub struct KernelMaps {
     slots: HashMap<MapData, SlotKey, Slot>,
     backends: HashMap<MapData, u32, Backend4>,
     maglev: HashMap<MapData, SlotKey, Slot>,
+    meta: HashMap<MapData, u32, ServiceMeta>,
     filter: Array<MapData, u32>,
     svc_stats: PerCpuArray<MapData, SvcStats>,
     cpus: usize,
@@ -51,6 +53,7 @@ impl KernelMaps {
             slots: HashMap::try_from(dp.take_map(SLOTS)?)?,
             backends: HashMap::try_from(dp.take_map(BACKENDS4)?)?,
             maglev: HashMap::try_from(dp.take_map(MAGLEV4)?)?,
+            meta: HashMap::try_from(dp.take_map(SVC_META)?)?,
             filter: Array::try_from(dp.take_map(REPLY_FILTER)?)?,
             svc_stats: PerCpuArray::try_from(dp.take_map(SVC_STATS)?)?,
             cpus: nr_cpus().map_err(|(what, e)| OpenError::Cpus(what, e))?,
@@ -116,6 +119,16 @@ impl MapOps for KernelMaps {
         ignore_missing(self.maglev.remove(&key)).map_err(map_err(MAGLEV4, "remove"))
     }
 
+    fn put_meta(&mut self, svc_id: u32, value: ServiceMeta) -> Result<(), WriteError> {
+        self.meta
+            .insert(svc_id, value, 0)
+            .map_err(map_err(SVC_META, "insert"))
+    }
+
+    fn del_meta(&mut self, svc_id: u32) -> Result<(), WriteError> {
+        ignore_missing(self.meta.remove(&svc_id)).map_err(map_err(SVC_META, "remove"))
+    }
+
     fn reset_svc_stats(&mut self, svc_id: u32) -> Result<(), WriteError> {
         let zero = PerCpuValues::try_from(vec![SvcStats::default(); self.cpus]).map_err(|e| {
             WriteError::Map {
@@ -162,6 +175,11 @@ impl MapOps for KernelMaps {
                 .iter()
                 .collect::<Result<_, _>>()
                 .map_err(map_err(MAGLEV4, "iterate"))?,
+            meta: self
+                .meta
+                .iter()
+                .collect::<Result<_, _>>()
+                .map_err(map_err(SVC_META, "iterate"))?,
         })
     }
 

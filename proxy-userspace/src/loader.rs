@@ -24,6 +24,7 @@ use proxy_common::{
         AFFINITY4, AffinityEntry, AffinityKey4, CT4, CtEntry4, CtKey4, DEFAULT_AFFINITY,
         DEFAULT_CT, DEFAULT_FRAG, FRAG4, FragKey4, FragPorts,
     },
+    meta::{SVC_META, ServiceMeta},
     service::{
         DEFAULT_FRONTENDS, DEFAULT_MAGLEV_ENTRIES, DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_SLOTS,
         FRONTENDS4, Frontend4Key, MAGLEV_TABLE_SIZE_GLOBAL, MAGLEV4, SLOTS, Service4, Slot,
@@ -197,7 +198,7 @@ pub struct Datapath {
 }
 
 /// Names, key/value sizes and max entries of every map, for pin compatibility checks.
-fn map_specs(sizes: &MapSizes) -> [(&'static str, u32, u32, u32); 10] {
+pub(crate) fn map_specs(sizes: &MapSizes) -> [(&'static str, u32, u32, u32); 11] {
     [
         (
             MAGLEV4,
@@ -245,6 +246,13 @@ fn map_specs(sizes: &MapSizes) -> [(&'static str, u32, u32, u32); 10] {
         ),
         (REPLY_FILTER, 4, 4, REPLY_FILTER_SIZE),
         (STATS, 4, 8, STAT_COUNT),
+        // One record per service id.
+        (
+            SVC_META,
+            4,
+            size_of::<ServiceMeta>() as u32,
+            sizes.frontends + 1,
+        ),
     ]
 }
 

@@ -20,6 +20,21 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Some((request, read)) = cli.command.inspection() {
+        // Output on stdout for pipes; a failure is one line on stderr and a non-zero status.
+        return match svcproxy::inspect::run(&read.pin_path, &request, read.output) {
+            Ok(text) => {
+                // A reader that stops early (`| head`) closes the pipe: its choice, not an
+                // error, and never a panic.
+                let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("svcproxy: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let result = match cli.command {
         Command::Run(args) => {
             let opts = match args.into_options(hostname) {
@@ -47,6 +62,8 @@ fn main() -> ExitCode {
             }
             Err(e) => Err(e.into()),
         },
+        // Answered above.
+        Command::Inspect { .. } | Command::Explain { .. } => Ok(()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

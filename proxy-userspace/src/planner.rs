@@ -24,8 +24,8 @@ use k8s_openapi::api::{
 use thiserror::Error;
 
 use crate::desired::{
-    Algorithm, Backend, BackendState, Desired, Frontend, FrontendState, Protocol, Rejection,
-    ServiceName,
+    AddrKind, Algorithm, Backend, BackendState, Desired, Frontend, FrontendState, Protocol,
+    Rejection, Selection, ServiceName,
 };
 
 /// Services carrying this label belong to another proxy (any value, unless it equals
@@ -383,6 +383,16 @@ enum FrontendSource {
     LoadBalancer,
 }
 
+impl FrontendSource {
+    fn kind(self) -> AddrKind {
+        match self {
+            Self::ClusterIp => AddrKind::ClusterIp,
+            Self::ExternalIp => AddrKind::ExternalIp,
+            Self::LoadBalancer => AddrKind::LoadBalancer,
+        }
+    }
+}
+
 /// What a frontend inherits from its Service besides backends.
 #[derive(Clone, Copy)]
 struct FrontendTraits {
@@ -456,7 +466,15 @@ impl Planner<'_> {
                 .iter()
                 .any(|c| c.endpoint.ready || (c.endpoint.serving && c.endpoint.terminating));
             for &(addr, source) in &addrs {
-                let backends = select_backends(&candidates, traffic_policy(svc, source), self.node);
+                let policy = traffic_policy(svc, source);
+                let mut selection = Selection {
+                    addr_kind: source.kind(),
+                    node_local: policy.local,
+                    external_local_not_applied: source != FrontendSource::ClusterIp
+                        && spec.external_traffic_policy.as_deref() == Some("Local"),
+                    ..Selection::default()
+                };
+                let backends = select_backends(&candidates, policy, self.node, &mut selection);
                 let drop_when_empty =
                     usable_anywhere && !backends.iter().any(|b| b.state == BackendState::Active);
                 let frontend = Frontend {
@@ -478,7 +496,7 @@ impl Planner<'_> {
                     drop_when_empty,
                     ..traits
                 };
-                self.add_frontend(frontend, &service, &port.name, &backends, traits);
+                self.add_frontend(frontend, &service, &port.name, &backends, traits, selection);
             }
         }
     }
@@ -509,6 +527,7 @@ impl Planner<'_> {
         port_name: &str,
         backends: &[Backend],
         traits: FrontendTraits,
+        selection: Selection,
     ) {
         self.events.push(Event::Frontend(
             frontend,
@@ -519,6 +538,7 @@ impl Planner<'_> {
                 affinity_timeout_s: traits.affinity_timeout_s,
                 algorithm: traits.algorithm,
                 drop_when_empty: traits.drop_when_empty,
+                selection,
             },
         ));
     }
@@ -971,11 +991,13 @@ fn traffic_policy(svc: &Service, source: FrontendSource) -> TrafficPolicy {
 /// kube-proxy's `CategorizeEndpoints` for one traffic class. Active: ready endpoints (of this
 /// node for a Local policy, of this zone when topology applies); if none, the serving and
 /// terminating ones. Terminating endpoints outside the active set stay, marked, so their
-/// established flows finish; everything else is left out.
+/// established flows finish; everything else is left out. Notes in `selection` what narrowed
+/// the choice.
 fn select_backends(
     candidates: &[Candidate<'_, '_>],
     policy: TrafficPolicy,
     node: &NodeInfo,
+    selection: &mut Selection,
 ) -> Vec<Backend> {
     let on_node = |c: &Candidate<'_, '_>| {
         !node.name.is_empty() && c.endpoint.node_name == Some(node.name.as_str())
@@ -986,6 +1008,8 @@ fn select_backends(
         .then(|| topology_zone(candidates, node))
         .flatten();
     let in_zone = |c: &Candidate<'_, '_>| zone.is_none_or(|z| c.endpoint.zone_hints.contains(&z));
+    selection.topology_zone = zone.map(str::to_owned);
+    selection.topology_ignored = !policy.local && policy.wants_topology && zone.is_none();
 
     let mut active: Vec<bool> = candidates
         .iter()
@@ -998,6 +1022,7 @@ fn select_backends(
             .iter()
             .map(|c| eligible(c) && c.endpoint.serving && c.endpoint.terminating)
             .collect();
+        selection.terminating_fallback = active.contains(&true);
     }
     candidates
         .iter()
@@ -2355,5 +2380,82 @@ mod tests {
         assert_eq!(last.map(|s| s.backends[0].port), Some(12_999));
         // Generous for an unoptimised build on a shared machine; the real cost is milliseconds.
         assert!(took < Duration::from_millis(500), "planning took {took:?}");
+    }
+
+    /// What `svcproxy explain` reports as the reason for a frontend's backends is what the
+    /// planner actually did.
+    #[test]
+    fn selection_records_why_the_backends_are_what_they_are() {
+        let selection = |services: &[Value], slices: &[Value]| {
+            let d = run(services, slices, &node_a());
+            let states: Vec<&FrontendState> = d.frontends.values().collect();
+            match states.as_slice() {
+                [one] => one.selection.clone(),
+                other => panic!("want one frontend, got {}", other.len()),
+            }
+        };
+        let prefer_close = with(
+            web(),
+            json!({ "spec": { "trafficDistribution": "PreferClose" } }),
+        );
+        let hinted = [web_slice(
+            "web-1",
+            &[
+                ep("10.1.0.1").zones(&["zone-a"]),
+                ep("10.1.0.2").zones(&["zone-b"]),
+            ],
+        )];
+        assert_eq!(
+            selection(std::slice::from_ref(&prefer_close), &hinted),
+            Selection {
+                topology_zone: Some("zone-a".into()),
+                ..Selection::default()
+            }
+        );
+        let unhinted = [web_slice("web-1", &[ep("10.1.0.1"), ep("10.1.0.2")])];
+        assert_eq!(
+            selection(&[prefer_close], &unhinted),
+            Selection {
+                topology_ignored: true,
+                ..Selection::default()
+            }
+        );
+        let draining = [web_slice("web-1", &[ep("10.1.0.1").draining()])];
+        assert_eq!(
+            selection(&[web()], &draining),
+            Selection {
+                terminating_fallback: true,
+                ..Selection::default()
+            }
+        );
+        let local = with(
+            web(),
+            json!({ "spec": { "internalTrafficPolicy": "Local" } }),
+        );
+        assert_eq!(
+            selection(&[local], &unhinted),
+            Selection {
+                node_local: true,
+                ..Selection::default()
+            }
+        );
+        let external = json!({ "spec": {
+            "type": "LoadBalancer", "externalTrafficPolicy": "Local",
+            "externalIPs": ["192.0.2.7"] } });
+        let d = run(&[with(web(), external)], &unhinted, &node_a());
+        let by_kind: Vec<(AddrKind, bool)> = d
+            .frontends
+            .values()
+            .map(|s| {
+                (
+                    s.selection.addr_kind,
+                    s.selection.external_local_not_applied,
+                )
+            })
+            .collect();
+        assert_eq!(
+            by_kind,
+            [(AddrKind::ClusterIp, false), (AddrKind::ExternalIp, true)]
+        );
     }
 }

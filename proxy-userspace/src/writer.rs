@@ -3,6 +3,9 @@
 //! shows a packet a half-written frontend: backends, then slots, then the frontend; removals in
 //! reverse.
 //!
+//! Each frontend's service id also names its metadata record (namespace, name, why its backends
+//! are what they are) for inspection: written before the frontend, removed after it.
+//!
 //! Ids are stable: a frontend keeps its service id and a backend (per service, address, port)
 //! keeps its backend id for as long as it exists, so conntrack entries stay valid while other
 //! backends come and go.
@@ -14,6 +17,7 @@ use std::{
 
 use proxy_common::{
     backend::{BACKEND_ACTIVE, BACKEND_TERMINATING, Backend4, reply_filter_slot},
+    meta::ServiceMeta,
     service::{
         Frontend4Key, SVC_F_AFFINITY, SVC_F_MAGLEV, SVC_F_POLICY_DROP, Service4, Slot, SlotKey,
     },
@@ -22,7 +26,7 @@ use thiserror::Error;
 
 use crate::{
     desired::{Algorithm, BackendState, Desired, Frontend, FrontendState, Protocol},
-    maglev,
+    maglev, svc_meta,
 };
 
 #[derive(Debug, Error)]
@@ -55,6 +59,8 @@ pub struct Snapshot {
     pub backends: Vec<(u32, Backend4)>,
     /// Maglev table entries: (service id, table index) -> backend id.
     pub maglev: Vec<(SlotKey, Slot)>,
+    /// Metadata records by service id.
+    pub meta: Vec<(u32, ServiceMeta)>,
 }
 
 /// Limits the writer works within, fixed when the maps are loaded.
@@ -77,6 +83,8 @@ pub trait MapOps {
     fn del_backend(&mut self, id: u32) -> Result<(), WriteError>;
     fn put_maglev(&mut self, key: SlotKey, value: Slot) -> Result<(), WriteError>;
     fn del_maglev(&mut self, key: SlotKey) -> Result<(), WriteError>;
+    fn put_meta(&mut self, svc_id: u32, value: ServiceMeta) -> Result<(), WriteError>;
+    fn del_meta(&mut self, svc_id: u32) -> Result<(), WriteError>;
     /// Zeroes the per-Service counters of a service id about to be (re)used.
     fn reset_svc_stats(&mut self, svc_id: u32) -> Result<(), WriteError>;
     /// Adds `delta` to reply-filter slot `slot`.
@@ -106,6 +114,8 @@ struct Written {
     affinity_s: u32,
     /// Maglev table entries present in the map: entry i holds `maglev[i]` (empty: none).
     maglev: Vec<u32>,
+    /// Fingerprint of the metadata record in the map, if there is one.
+    meta: Option<u64>,
     /// A backend was deleted after the frontend's revision last changed: a flow that
     /// re-validated in between still names it, so the revision must change once more.
     stale_revision: bool,
@@ -242,6 +252,7 @@ impl<M: MapOps> MapWriter<M> {
                     flags: svc.flags,
                     affinity_s: svc.affinity_timeout_s,
                     maglev: Vec::new(),
+                    meta: None,
                 },
             );
         }
@@ -278,6 +289,14 @@ impl<M: MapOps> MapWriter<M> {
         }
         for id in orphans {
             maps.del_backend(id)?;
+        }
+        // Metadata of no frontend: left by a crash between a frontend's removal and its
+        // record's.
+        for (svc_id, meta) in &snap.meta {
+            match by_svc.get(svc_id).and_then(|fe| written.get_mut(fe)) {
+                Some(w) => w.meta = Some(svc_meta::fingerprint(meta)),
+                None => maps.del_meta(*svc_id)?,
+            }
         }
         // Maglev tables are adopted only when whole: a partial one (a crash mid-write) is
         // rewritten by the next apply, and entries of no Maglev frontend are removed.
@@ -423,6 +442,7 @@ impl<M: MapOps> MapWriter<M> {
             flags: 0,
             affinity_s: 0,
             maglev: Vec::new(),
+            meta: None,
         });
         let proto = fe.protocol.number();
 
@@ -497,6 +517,16 @@ impl<M: MapOps> MapWriter<M> {
                     slots_changed = true;
                 }
             }
+            self.written.insert(*fe, cur.clone());
+        }
+
+        // 2c. The metadata record, before a frontend names it.
+        let meta = svc_meta::encode(state, self.config.maglev_table_size);
+        let meta_fp = svc_meta::fingerprint(&meta);
+        let meta_changed = cur.meta != Some(meta_fp);
+        if meta_changed {
+            self.maps.put_meta(svc_id, meta)?;
+            cur.meta = Some(meta_fp);
             self.written.insert(*fe, cur.clone());
         }
 
@@ -590,11 +620,11 @@ impl<M: MapOps> MapWriter<M> {
             cur.stale_revision = false;
             self.written.insert(*fe, cur);
         }
-        Ok(changed || slots_changed || backends_changed || marked || revalidated)
+        Ok(changed || slots_changed || backends_changed || marked || revalidated || meta_changed)
     }
 
     /// Removes a frontend: the frontend first, so no packet finds it, then its slots and
-    /// backends. Progress is recorded as it goes, so a retry (or the frontend coming back)
+    /// backends, and its metadata record last. Progress is recorded as it goes, so a retry (or the frontend coming back)
     /// neither repeats a filter decrement nor trusts an entry already deleted.
     fn remove_frontend(&mut self, fe: &Frontend) -> Result<(), WriteError> {
         let Some(mut cur) = self.written.get(fe).cloned() else {
@@ -617,6 +647,9 @@ impl<M: MapOps> MapWriter<M> {
             cur.backends.remove(&(addr, port));
             self.written.insert(*fe, cur.clone());
             self.filter_sub(filter_slot(addr, port))?;
+        }
+        if cur.meta.is_some() {
+            self.maps.del_meta(cur.svc_id)?;
         }
         self.written.remove(fe);
         self.free_svc_ids.insert(cur.svc_id);
@@ -701,6 +734,7 @@ mod tests {
 
     use proxy_common::{
         backend::{BACKENDS4, REPLY_FILTER, REPLY_FILTER_SIZE},
+        meta::SVC_META,
         service::{FRONTENDS4, MAGLEV4, SLOTS},
         stats::SVC_STATS,
     };
@@ -725,6 +759,8 @@ mod tests {
         DelBackend(u32),
         FilterAdd(u32, i32),
         ResetFilter,
+        PutMeta(u32),
+        DelMeta(u32),
     }
 
     /// In-memory maps that record every write and, after each one, check what a packet relies
@@ -740,6 +776,8 @@ mod tests {
         filter: BTreeMap<u32, u32>,
         /// (svc id, table index) -> backend id.
         maglev: BTreeMap<(u32, u32), u32>,
+        /// svc id -> metadata record.
+        meta: BTreeMap<u32, ServiceMeta>,
         /// Service ids whose counters were reset, in order.
         stats_reset: Vec<u32>,
         /// How many existing backends hash to each reply filter slot: what `filter` must cover.
@@ -975,6 +1013,16 @@ mod tests {
                     .count(),
                 stray_backends: by_svc.values().map(BTreeSet::len).sum(),
                 filter: self.filter.clone(),
+                meta: self
+                    .frontends
+                    .iter()
+                    .filter_map(|(key, svc)| Some((*key, *self.meta.get(&svc.svc_id)?)))
+                    .collect(),
+                stray_meta: self
+                    .meta
+                    .keys()
+                    .filter(|id| !counts.contains_key(id))
+                    .count(),
             }
         }
     }
@@ -990,6 +1038,9 @@ mod tests {
         stray_slots: usize,
         stray_backends: usize,
         filter: BTreeMap<u32, u32>,
+        /// Each frontend's metadata record, and records no frontend names.
+        meta: BTreeMap<Frontend4Key, ServiceMeta>,
+        stray_meta: usize,
     }
 
     impl MapOps for FakeMaps {
@@ -1007,6 +1058,14 @@ mod tests {
                         other => panic!("{}: Maglev entry {i} names {id}: {other:?}", show(&key)),
                     }
                 }
+            }
+            // Inspection names every frontend it finds: its record must already be there.
+            if !self.meta.contains_key(&value.svc_id) {
+                panic!(
+                    "{}: frontend written before its metadata record (service {})",
+                    show(&key),
+                    value.svc_id
+                );
             }
             if let Some(old) = self.frontends.insert(key, value)
                 && let Some(keys) = self.by_svc.get_mut(&old.svc_id)
@@ -1097,6 +1156,26 @@ mod tests {
             Ok(())
         }
 
+        fn put_meta(&mut self, svc_id: u32, value: ServiceMeta) -> Result<(), WriteError> {
+            self.attempt(SVC_META, "insert")?;
+            self.meta.insert(svc_id, value);
+            self.record(Op::PutMeta(svc_id));
+            Ok(())
+        }
+
+        fn del_meta(&mut self, svc_id: u32) -> Result<(), WriteError> {
+            self.attempt(SVC_META, "remove")?;
+            if let Some((key, _)) = self.frontends.iter().find(|(_, f)| f.svc_id == svc_id) {
+                panic!(
+                    "metadata of service {svc_id} removed while frontend {} names it",
+                    show(key)
+                );
+            }
+            self.meta.remove(&svc_id);
+            self.record(Op::DelMeta(svc_id));
+            Ok(())
+        }
+
         fn reset_svc_stats(&mut self, svc_id: u32) -> Result<(), WriteError> {
             self.attempt(SVC_STATS, "set")?;
             self.stats_reset.push(svc_id);
@@ -1144,6 +1223,7 @@ mod tests {
                         (SlotKey { svc_id, slot }, Slot { backend_id })
                     })
                     .collect(),
+                meta: self.meta.iter().map(|(k, v)| (*k, *v)).collect(),
             })
         }
 
@@ -1295,13 +1375,22 @@ mod tests {
         assert_eq!(puts(|op| matches!(op, Op::PutSlot(..))), 3, "{ops:#?}");
         assert_eq!(puts(|op| matches!(op, Op::PutFrontend(..))), 1, "{ops:#?}");
         assert_eq!(puts(|op| matches!(op, Op::FilterAdd(_, 1))), 3, "{ops:#?}");
-        assert_eq!(ops.len(), 10, "only those writes expected: {ops:#?}");
+        assert_eq!(puts(|op| matches!(op, Op::PutMeta(_))), 1, "{ops:#?}");
+        assert_eq!(ops.len(), 11, "only those writes expected: {ops:#?}");
         let last_backend = ops.iter().rposition(|op| matches!(op, Op::PutBackend(..)));
         let first_slot = ops.iter().position(|op| matches!(op, Op::PutSlot(..)));
         let last_slot = ops.iter().rposition(|op| matches!(op, Op::PutSlot(..)));
+        let meta = ops.iter().position(|op| matches!(op, Op::PutMeta(..)));
         let fe = ops.iter().position(|op| matches!(op, Op::PutFrontend(..)));
-        if !(last_backend < first_slot && last_slot < fe && fe == Some(ops.len() - 1)) {
-            panic!("want every backend, then every slot, then the frontend; wrote {ops:#?}");
+        if !(last_backend < first_slot
+            && last_slot < meta
+            && meta < fe
+            && fe == Some(ops.len() - 1))
+        {
+            panic!(
+                "want every backend, then every slot, then the metadata record, then the \
+                 frontend; wrote {ops:#?}"
+            );
         }
         let svc = w.maps.service(&web());
         assert_eq!(svc.backend_count, 3, "{svc:?}");
@@ -1504,7 +1593,7 @@ mod tests {
     }
 
     #[test]
-    fn removed_frontend_goes_frontend_first_then_slots_then_backends() {
+    fn removed_frontend_goes_frontend_first_then_slots_then_backends_then_its_metadata() {
         let d = desired([
             (
                 web(),
@@ -1534,10 +1623,14 @@ mod tests {
             Op::DelFrontend(_) => 0,
             Op::DelSlot(_) => 1,
             Op::DelBackend(_) | Op::FilterAdd(..) => 2,
+            Op::DelMeta(_) => 3,
             _ => panic!("removing a frontend wrote {op:?}"),
         };
-        if !ops.is_sorted_by_key(kind) || ops.first().map(kind) != Some(0) {
-            panic!("want frontend, then slots, then backends; wrote {ops:#?}");
+        if !ops.is_sorted_by_key(kind)
+            || ops.first().map(kind) != Some(0)
+            || ops.last().map(kind) != Some(3)
+        {
+            panic!("want frontend, then slots, then backends, then metadata; wrote {ops:#?}");
         }
         assert_eq!(count(ops, |op| matches!(op, Op::DelSlot(_))), 1, "{ops:#?}");
         assert_eq!(
@@ -1706,7 +1799,7 @@ mod tests {
     }
 
     #[test]
-    fn adopt_removes_slots_and_backends_no_frontend_reaches() {
+    fn adopt_removes_slots_backends_and_metadata_no_frontend_reaches() {
         let d = two_services();
         let mut maps = left_by_earlier_writer(&d);
         let web_svc = maps.service(&web());
@@ -1723,6 +1816,7 @@ mod tests {
         maps.slots.insert((77, 2), 3);
         let past_count = (web_svc.svc_id, u32::from(web_svc.backend_count) + 1);
         maps.slots.insert(past_count, 1);
+        maps.meta.insert(77, ServiceMeta::default());
         // The filter as that crash left it: counting the orphan too.
         *maps
             .filter
@@ -1741,9 +1835,42 @@ mod tests {
             panic!("orphaned backend 500 survived adopt");
         }
         assert_eq!(
+            stray.stray_meta,
+            0,
+            "metadata left: {:?}",
+            w.maps.meta.keys()
+        );
+        assert_eq!(
             stray,
             contents_of(&d),
             "adopt must remove only what nothing reaches"
+        );
+    }
+
+    /// A change only inspection sees (why the backends are what they are) rewrites the record
+    /// and nothing else; a Maglev table size is part of the record explain relies on.
+    #[test]
+    fn a_selection_change_rewrites_only_the_metadata_record() {
+        let one = [active("10.244.1.1", 8080)];
+        let mut w = fresh();
+        apply_ok(&mut w, &desired([(web(), service("web", &one))]));
+        let svc_id = w.maps.service(&web()).svc_id;
+        let record = |w: &MapWriter<FakeMaps>| svc_meta::decode(&w.maps.meta[&svc_id]);
+        assert_eq!(
+            (record(&w).namespace.as_str(), record(&w).name.as_str()),
+            ("default", "web")
+        );
+        assert_eq!(record(&w).maglev_table_size, TEST_CONFIG.maglev_table_size);
+        w.maps.ops.clear();
+
+        let mut fallback = service("web", &one);
+        fallback.selection.terminating_fallback = true;
+        let stats = apply_ok(&mut w, &desired([(web(), fallback)]));
+        assert_eq!(stats.frontends_written, 1, "{stats:?}");
+        assert_eq!(w.maps.ops, vec![Op::PutMeta(svc_id)]);
+        assert_eq!(
+            record(&w).reasons,
+            proxy_common::meta::META_R_TERMINATING_FALLBACK
         );
     }
 

@@ -232,6 +232,7 @@ impl Harness {
                     affinity_timeout_s: s.affinity_timeout_s,
                     algorithm: s.algorithm,
                     drop_when_empty: s.drop_when_empty,
+                    ..FrontendState::default()
                 },
             );
         }
