@@ -7,7 +7,9 @@ use aya::{
     util::nr_cpus,
 };
 use proxy_common::{
-    backend::{BACKENDS4, Backend4, REPLY_FILTER, REPLY_FILTER_WORDS, filter_slot, filter_word_bit},
+    backend::{
+        BACKENDS4, Backend4, REPLY_FILTER, REPLY_FILTER_WORDS, filter_slot, filter_word_bit,
+    },
     service::{
         FRONTEND_FILTER, FRONTEND_FILTER_SIZE, FRONTEND_FILTER_WORDS, FRONTENDS4, Frontend4Key,
         MAGLEV4, SLOTS, SVC_REVISIONS, Service4, Slot, SlotKey,
