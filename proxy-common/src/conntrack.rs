@@ -98,7 +98,8 @@ pub struct CtEntry4 {
     /// The frontend's revision when the backend was last validated.
     pub revision: u32,
     pub _pad: u32,
-    /// `bpf_ktime_get_ns()` when the flow was last refreshed.
+    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC, tick resolution) when the flow was last
+    /// refreshed.
     pub last_seen_ns: u64,
 }
 

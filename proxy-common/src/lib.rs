@@ -20,7 +20,7 @@ pub mod stats;
 
 /// Bumped whenever a map layout below changes. The controller refuses to adopt pinned maps whose
 /// key/value sizes do not match, rather than misreading them.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Implements `aya::Pod` for the host side. The `bytemuck::Pod` derive already proved the type
 /// has no padding bytes or invalid bit patterns, which is exactly `aya::Pod`'s contract.

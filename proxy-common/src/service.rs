@@ -28,6 +28,19 @@ pub const SVC_F_MAGLEV: u16 = 2;
 /// traffic arriving here (e.g. `internalTrafficPolicy: Local` and none on this node).
 pub const SVC_F_POLICY_DROP: u16 = 4;
 
+/// `Array<u64>` bitmap of [`FRONTEND_FILTER_SIZE`] bits: bit
+/// `filter_slot(addr, port, FRONTEND_FILTER_SIZE)` is set while some frontend has that address
+/// and port. A clear bit proves a packet is to no frontend without a hash lookup; a set one lets
+/// the datapath try the packet's flow before its frontend.
+pub const FRONTEND_FILTER: &str = "FRONTEND_FILTER";
+/// 2M bits = 256 KiB: 65k frontends set ~3% of them.
+pub const FRONTEND_FILTER_SIZE: u32 = 1 << 21;
+pub const FRONTEND_FILTER_WORDS: u32 = FRONTEND_FILTER_SIZE / 64;
+/// `Array<u32>` indexed by service id: the revision of the frontend holding that id (the same
+/// value as its `Service4::revision`), 0 when none does. Lets an established flow check that
+/// its entry is still current with an array read instead of a frontend lookup.
+pub const SVC_REVISIONS: &str = "SVC_REVISIONS";
+
 /// Default sizes: 64k Services with a few ports each, 256k backends.
 pub const DEFAULT_FRONTENDS: u32 = 65_536;
 pub const DEFAULT_SLOTS: u32 = 262_144;

@@ -4,7 +4,7 @@
 //! the object but svcproxy never loads or attaches them.
 
 use aya_ebpf::{
-    bindings::TC_ACT_OK,
+    bindings::{BPF_F_NO_PREALLOC, TC_ACT_OK},
     btf_maps::HashMap,
     macros::{btf_map, classifier},
     programs::TcContext,
@@ -17,11 +17,12 @@ const DADDR_OFF: usize = 14 + 16;
 const DPORT_OFF: usize = 14 + 20 + 2;
 const PROTO_TCP: u8 = 6;
 
-/// Same key, value and size as the datapath's `FRONTENDS4`, filled with the same keys by the
-/// benchmark, so one lookup here costs what one frontend lookup costs there. A map of its own
-/// so the benchmark never writes the product's maps behind the writer's back.
+/// Same key, value, size and flags as the datapath's `FRONTENDS4`, filled with the same keys by
+/// the benchmark, so one lookup here costs what one frontend lookup costs there. A map of its
+/// own so the benchmark never writes the product's maps behind the writer's back.
 #[btf_map]
-static BENCH_FRONTENDS: HashMap<Frontend4Key, Service4, 65_536> = HashMap::new();
+static BENCH_FRONTENDS: HashMap<Frontend4Key, Service4, 65_536, { BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();
 
 /// The floor: program entry and exit as BPF_PROG_TEST_RUN sees them.
 #[classifier]

@@ -2,7 +2,7 @@
 //! flows. Timeouts are enforced on lookup (an expired entry counts as absent), so no garbage
 //! collector has to run for correctness; the LRU evicts the rest.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use proxy_common::conntrack::{
     CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_CLOSING, CT_F_SYN_ONLY, CT_REFRESH_NS, CtEntry4, CtKey4,
     ct_is_live,
@@ -13,10 +13,12 @@ use crate::{
     parse::{Flow4, PROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST},
 };
 
+/// CLOCK_MONOTONIC at tick resolution: timeouts are seconds and refreshes once a second, and
+/// the coarse clock costs half of the precise one (no clocksource read; ~15 vs ~31 ns here).
 #[inline(always)]
 pub fn now_ns() -> u64 {
     // SAFETY: helper without arguments.
-    unsafe { bpf_ktime_get_ns() }
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 #[inline(always)]

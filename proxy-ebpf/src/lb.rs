@@ -5,18 +5,21 @@
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use aya_log_ebpf::error;
 use proxy_common::{
-    backend::{BACKEND_ACTIVE, Backend4, reply_filter_slot},
+    backend::{BACKEND_ACTIVE, Backend4, filter_slot, filter_word_bit, reply_filter_slot},
     conntrack::{AffinityEntry, AffinityKey4, CT_DIR_REPLY, CtEntry4, CtKey4, FragKey4, FragPorts},
     select::{affinity_fresh, maglev_flow_hash, maglev_index, random_slot},
-    service::{Frontend4Key, SVC_F_AFFINITY, SVC_F_MAGLEV, SVC_F_POLICY_DROP, Service4, SlotKey},
+    service::{
+        FRONTEND_FILTER_SIZE, Frontend4Key, SVC_F_AFFINITY, SVC_F_MAGLEV, SVC_F_POLICY_DROP,
+        Service4, SlotKey,
+    },
     stats::*,
 };
 
 use crate::{
     conntrack, icmp,
     maps::{
-        AFFINITY4, BACKENDS4, CT4, FRAG4, FRONTENDS4, MAGLEV_TABLE_SIZE, MAGLEV4, REPLY_FILTER,
-        SLOTS, SVC_STATS,
+        AFFINITY4, BACKENDS4, CT4, FRAG4, FRONTEND_FILTER, FRONTENDS4, MAGLEV_TABLE_SIZE, MAGLEV4,
+        REPLY_FILTER, SLOTS, SVC_REVISIONS, SVC_STATS,
     },
     nat,
     packet::Packet,
@@ -62,17 +65,16 @@ pub fn process<P: Packet>(pkt: &P) -> Verdict {
             None => return counted(STAT_PASS_FRAGMENT, Verdict::Pass),
         }
     }
-    let key = Frontend4Key {
-        addr_be: flow.daddr,
-        port_be: flow.dport,
-        proto: flow.proto,
-        scope: 0,
-    };
-    // SAFETY: the controller only replaces frontend values whole; a torn read can at worst
-    // pick from the old or new backend count, both of which have their slots written.
-    let verdict = match unsafe { FRONTENDS4.get(key) } {
-        Some(svc) => forward(pkt, &flow, &key, svc),
-        None => reply(pkt, &flow),
+    // A clear frontend-filter bit proves the packet is to no frontend: no hash lookup before
+    // the reply path. Otherwise the flow is tried first, so an established flow costs one
+    // lookup; the frontend is looked up only for new flows and entries that need re-validating.
+    let verdict = if may_be_frontend(&flow) {
+        match established(pkt, &flow) {
+            Some(verdict) => verdict,
+            None => to_frontend(pkt, &flow),
+        }
+    } else {
+        reply(pkt, &flow)
     };
     if flow.frag == Frag::First && matches!(verdict, Verdict::Pass) {
         // Later fragments carry no ports: remember them under the untranslated identity. A
@@ -87,6 +89,80 @@ pub fn process<P: Packet>(pkt: &P) -> Verdict {
         );
     }
     verdict
+}
+
+/// Whether some frontend may have the packet's destination address and port.
+#[inline(always)]
+fn may_be_frontend(flow: &Flow4) -> bool {
+    let (word, bit) = filter_word_bit(filter_slot(flow.daddr, flow.dport, FRONTEND_FILTER_SIZE));
+    FRONTEND_FILTER.get(word).is_some_and(|w| *w & bit != 0)
+}
+
+/// An established flow whose entry is still current: translated with one hash lookup (the
+/// flow's) and array reads. `None` sends the packet down the full path, which re-validates or
+/// re-selects.
+#[inline(always)]
+fn established<P: Packet>(pkt: &P, flow: &Flow4) -> Option<Verdict> {
+    let entry = CT4.get_ptr_mut(conntrack::forward_key(flow))?;
+    // SAFETY: pointer from a successful lookup; fields are copied out before `touch` writes.
+    let (svc_id, revision, addr, port) = unsafe {
+        (
+            (*entry).svc_id,
+            (*entry).revision,
+            (*entry).nat_addr_be,
+            (*entry).nat_port_be,
+        )
+    };
+    // The entry was validated under this revision of its frontend. The controller changes the
+    // revision whenever the frontend's backend set changes and zeroes it when the frontend
+    // goes (revisions are never reused across frontends), so an equal non-zero revision means
+    // the cached backend is still one of this frontend's.
+    match SVC_REVISIONS.get(svc_id) {
+        Some(r) if *r != 0 && *r == revision => {}
+        _ => return None,
+    }
+    let now = conntrack::now_ns();
+    // SAFETY: as above.
+    if !conntrack::is_live(unsafe { &*entry }, flow, now) {
+        return None;
+    }
+    conntrack::touch(entry, flow, now);
+    count_service(svc_id, flow);
+    let stat = if flow.frag == Frag::Later {
+        STAT_FRAGMENT_TRANSLATED
+    } else {
+        STAT_FWD_ESTABLISHED
+    };
+    Some(translate(pkt, flow, addr, port, stat))
+}
+
+/// The full path: look up the frontend, then keep, re-validate or create the flow.
+#[inline(always)]
+fn to_frontend<P: Packet>(pkt: &P, flow: &Flow4) -> Verdict {
+    let key = Frontend4Key {
+        addr_be: flow.daddr,
+        port_be: flow.dport,
+        proto: flow.proto,
+        scope: 0,
+    };
+    // SAFETY: the controller only replaces frontend values whole; a torn read can at worst
+    // pick from the old or new backend count, both of which have their slots written.
+    match unsafe { FRONTENDS4.get(key) } {
+        Some(svc) => forward(pkt, flow, &key, svc),
+        None => reply(pkt, flow),
+    }
+}
+
+/// Counts a forward packet in its Service's counters; returns them for the new-flow count.
+#[inline(always)]
+fn count_service(svc_id: u32, flow: &Flow4) -> Option<*mut SvcStats> {
+    let s = SVC_STATS.get_ptr_mut(svc_id)?;
+    // SAFETY: per-CPU slot, only this CPU writes it while this program runs.
+    unsafe {
+        (*s).packets += 1;
+        (*s).bytes += flow.tot_len as u64;
+    }
+    Some(s)
 }
 
 #[inline(always)]
@@ -109,14 +185,7 @@ fn counted(stat: u32, verdict: Verdict) -> Verdict {
 /// A packet to a frontend: established flows keep their backend, new ones get one.
 #[inline(always)]
 fn forward<P: Packet>(pkt: &P, flow: &Flow4, fe: &Frontend4Key, svc: &Service4) -> Verdict {
-    let svc_stats = SVC_STATS.get_ptr_mut(svc.svc_id);
-    if let Some(s) = svc_stats {
-        // SAFETY: per-CPU slot, only this CPU writes it while this program runs.
-        unsafe {
-            (*s).packets += 1;
-            (*s).bytes += flow.tot_len as u64;
-        }
-    }
+    let svc_stats = count_service(svc.svc_id, flow);
     let now = conntrack::now_ns();
     let ct_key = conntrack::forward_key(flow);
     if let Some(entry) = CT4.get_ptr_mut(ct_key) {
@@ -146,7 +215,7 @@ fn forward<P: Packet>(pkt: &P, flow: &Flow4, fe: &Frontend4Key, svc: &Service4) 
         return counted(STAT_CT_INSERT_FAILED, Verdict::Drop);
     }
     if let Some(s) = svc_stats {
-        // SAFETY: per-CPU slot, as above.
+        // SAFETY: per-CPU slot, only this CPU writes it while this program runs.
         unsafe { (*s).new_flows += 1 };
     }
     translate(pkt, flow, backend.addr_be, backend.port_be, STAT_FWD_NEW)
@@ -324,9 +393,9 @@ fn record_flow(
 /// A packet to no frontend: maybe a reply from a backend, else not ours.
 #[inline(always)]
 fn reply<P: Packet>(pkt: &P, flow: &Flow4) -> Verdict {
-    let slot = reply_filter_slot(flow.saddr, flow.sport);
-    match REPLY_FILTER.get(slot) {
-        Some(n) if *n != 0 => {}
+    let (word, bit) = filter_word_bit(reply_filter_slot(flow.saddr, flow.sport));
+    match REPLY_FILTER.get(word) {
+        Some(w) if *w & bit != 0 => {}
         _ => return counted(STAT_PASS_NO_SERVICE, Verdict::Pass),
     }
     let Some(entry) = CT4.get_ptr_mut(conntrack::reply_key(flow)) else {

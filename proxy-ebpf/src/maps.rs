@@ -11,10 +11,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use proxy_common::{
-    backend::{Backend4, REPLY_FILTER_SIZE},
+    backend::{Backend4, REPLY_FILTER_WORDS},
     conntrack::{AffinityEntry, AffinityKey4, CtEntry4, CtKey4, FragKey4, FragPorts},
     meta::ServiceMeta,
-    service::{Frontend4Key, Service4, Slot, SlotKey},
+    service::{FRONTEND_FILTER_WORDS, Frontend4Key, Service4, Slot, SlotKey},
     stats::{STAT_COUNT, SvcStats},
 };
 
@@ -49,10 +49,19 @@ pub static BACKENDS4: HashMap<u32, Backend4, 262_144, NO_PREALLOC> = HashMap::ne
 #[btf_map]
 pub static CT4: LruHashMap<CtKey4, CtEntry4, 524_288> = LruHashMap::new();
 
-/// Counting filter over backend (address, port): lets packets that cannot be replies skip the
+/// Bitmap filter over backend (address, port): lets packets that cannot be replies skip the
 /// reverse conntrack lookup. Array lookups are inlined by the JIT, so this costs a few ns.
 #[btf_map]
-pub static REPLY_FILTER: Array<u32, { REPLY_FILTER_SIZE as usize }> = Array::new();
+pub static REPLY_FILTER: Array<u64, { REPLY_FILTER_WORDS as usize }> = Array::new();
+
+/// Bitmap filter over frontend (address, port): packets to no frontend skip every hash lookup,
+/// and packets that may be to one try their flow first (see `lb::process`).
+#[btf_map]
+pub static FRONTEND_FILTER: Array<u64, { FRONTEND_FILTER_WORDS as usize }> = Array::new();
+
+/// Service id -> revision of the frontend holding it (0: none), mirrored from `FRONTENDS4`.
+#[btf_map]
+pub static SVC_REVISIONS: Array<u32, 65_536> = Array::new();
 
 /// Per-CPU outcome counters, indexed by `proxy_common::stats::STAT_*`.
 #[btf_map]

@@ -1,15 +1,20 @@
 //! [`MapOps`] over the real (pinned) BPF maps, and a reader for the datapath counters.
 
-use std::collections::HashMap as StdHashMap;
+use std::collections::{HashMap as StdHashMap, HashSet};
 
 use aya::{
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
     util::nr_cpus,
 };
 use proxy_common::{
-    backend::{BACKENDS4, Backend4, REPLY_FILTER, REPLY_FILTER_SIZE},
+    backend::{
+        BACKENDS4, Backend4, REPLY_FILTER, REPLY_FILTER_WORDS, filter_slot, filter_word_bit,
+    },
     meta::{SVC_META, ServiceMeta},
-    service::{FRONTENDS4, Frontend4Key, MAGLEV4, SLOTS, Service4, Slot, SlotKey},
+    service::{
+        FRONTEND_FILTER, FRONTEND_FILTER_SIZE, FRONTEND_FILTER_WORDS, FRONTENDS4, Frontend4Key,
+        MAGLEV4, SLOTS, SVC_REVISIONS, Service4, Slot, SlotKey,
+    },
     stats::{STAT_COUNT, STATS, SVC_STATS, SvcStats},
 };
 
@@ -24,9 +29,95 @@ pub struct KernelMaps {
     backends: HashMap<MapData, u32, Backend4>,
     maglev: HashMap<MapData, SlotKey, Slot>,
     meta: HashMap<MapData, u32, ServiceMeta>,
-    filter: Array<MapData, u32>,
+    filter: BitFilter,
     svc_stats: PerCpuArray<MapData, SvcStats>,
     cpus: usize,
+    /// Derived from the frontends, kept here so the writer need not know about them: a bitmap
+    /// of frontend (address, port) pairs, the frontends it counts, and each service id's
+    /// current revision (see `proxy_common::service`).
+    frontend_filter: BitFilter,
+    frontend_keys: HashSet<Frontend4Key>,
+    revisions: Array<MapData, u32>,
+}
+
+/// A bitmap filter map and the counts behind its bits: the datapath reads bits, how many
+/// entries hash to each slot is kept here.
+struct BitFilter {
+    name: &'static str,
+    map: Array<MapData, u64>,
+    counts: StdHashMap<u32, u32>,
+    /// The map's words as this process last wrote them.
+    words: Vec<u64>,
+}
+
+impl BitFilter {
+    fn new(name: &'static str, map: Array<MapData, u64>, words: u32) -> Self {
+        Self {
+            name,
+            map,
+            counts: StdHashMap::new(),
+            words: vec![0; words as usize],
+        }
+    }
+
+    /// Adds `delta` to the count of `slot`, writing its word when the bit changes. On failure
+    /// nothing changed.
+    fn add(&mut self, slot: u32, delta: i32) -> Result<(), WriteError> {
+        let (index, bit) = filter_word_bit(slot);
+        let Some(&word) = self.words.get(index as usize) else {
+            return Err(WriteError::Map {
+                map: self.name,
+                op: "set",
+                reason: format!("slot {slot} is out of range"),
+            });
+        };
+        let count = self.counts.get(&slot).copied().unwrap_or(0);
+        let new = count.saturating_add_signed(delta);
+        let want = if new > 0 { word | bit } else { word & !bit };
+        if want != word {
+            self.map
+                .set(index, want, 0)
+                .map_err(map_err(self.name, "set"))?;
+            self.words[index as usize] = want;
+        }
+        if new == 0 {
+            self.counts.remove(&slot);
+        } else {
+            self.counts.insert(slot, new);
+        }
+        Ok(())
+    }
+
+    /// Makes the map hold exactly these counts' bits.
+    fn reset(&mut self, counts: StdHashMap<u32, u32>) -> Result<(), WriteError> {
+        let mut words = vec![0u64; self.words.len()];
+        for (&slot, &n) in &counts {
+            let (index, bit) = filter_word_bit(slot);
+            if n > 0
+                && let Some(w) = words.get_mut(index as usize)
+            {
+                *w |= bit;
+            }
+        }
+        for (index, &want) in words.iter().enumerate() {
+            let have = self
+                .map
+                .get(&(index as u32), 0)
+                .map_err(map_err(self.name, "get"))?;
+            if have != want {
+                self.map
+                    .set(index as u32, want, 0)
+                    .map_err(map_err(self.name, "set"))?;
+            }
+        }
+        self.words = words;
+        self.counts = counts;
+        Ok(())
+    }
+}
+
+fn frontend_slot(key: &Frontend4Key) -> u32 {
+    filter_slot(key.addr_be, key.port_be, FRONTEND_FILTER_SIZE)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +128,8 @@ pub enum OpenError {
     Map(#[from] MapError),
     #[error("cannot count the possible CPUs ({0}): {1}")]
     Cpus(&'static str, std::io::Error),
+    #[error("cannot rebuild the maps derived from the frontends: {0}")]
+    Derived(String),
 }
 
 impl From<LoadError> for OpenError {
@@ -47,17 +140,42 @@ impl From<LoadError> for OpenError {
 
 impl KernelMaps {
     /// Takes the writable maps out of the loaded datapath.
+    /// Takes the writable maps out of the loaded datapath, and brings the maps derived from
+    /// the frontends in line with the frontends found (pinned by an earlier svcproxy).
     pub fn take(dp: &mut Datapath) -> Result<Self, OpenError> {
-        Ok(Self {
+        let mut maps = Self {
             frontends: HashMap::try_from(dp.take_map(FRONTENDS4)?)?,
             slots: HashMap::try_from(dp.take_map(SLOTS)?)?,
             backends: HashMap::try_from(dp.take_map(BACKENDS4)?)?,
             maglev: HashMap::try_from(dp.take_map(MAGLEV4)?)?,
             meta: HashMap::try_from(dp.take_map(SVC_META)?)?,
-            filter: Array::try_from(dp.take_map(REPLY_FILTER)?)?,
+            filter: BitFilter::new(
+                REPLY_FILTER,
+                Array::try_from(dp.take_map(REPLY_FILTER)?)?,
+                REPLY_FILTER_WORDS,
+            ),
             svc_stats: PerCpuArray::try_from(dp.take_map(SVC_STATS)?)?,
             cpus: nr_cpus().map_err(|(what, e)| OpenError::Cpus(what, e))?,
-        })
+            frontend_filter: BitFilter::new(
+                FRONTEND_FILTER,
+                Array::try_from(dp.take_map(FRONTEND_FILTER)?)?,
+                FRONTEND_FILTER_WORDS,
+            ),
+            frontend_keys: HashSet::new(),
+            revisions: Array::try_from(dp.take_map(SVC_REVISIONS)?)?,
+        };
+        let frontends: Vec<(Frontend4Key, Service4)> =
+            maps.frontends.iter().collect::<Result<_, _>>()?;
+        let mut counts = StdHashMap::new();
+        for (key, svc) in &frontends {
+            *counts.entry(frontend_slot(key)).or_default() += 1;
+            maps.frontend_keys.insert(*key);
+            maps.revisions.set(svc.svc_id, svc.revision, 0)?;
+        }
+        maps.frontend_filter
+            .reset(counts)
+            .map_err(|e| OpenError::Derived(e.to_string()))?;
+        Ok(maps)
     }
 }
 
@@ -79,14 +197,46 @@ fn ignore_missing(res: Result<(), MapError>) -> Result<(), MapError> {
 }
 
 impl MapOps for KernelMaps {
+    /// A new frontend is in the frontend filter before it exists (a packet to it must not be
+    /// taken for a miss); its service id's revision follows the entry.
     fn put_frontend(&mut self, key: Frontend4Key, value: Service4) -> Result<(), WriteError> {
-        self.frontends
-            .insert(key, value, 0)
-            .map_err(map_err(FRONTENDS4, "insert"))
+        let new = !self.frontend_keys.contains(&key);
+        if new {
+            self.frontend_filter.add(frontend_slot(&key), 1)?;
+        }
+        if let Err(e) = self.frontends.insert(key, value, 0) {
+            if new {
+                // A failed decrement leaves the bit set: a false positive, never a miss.
+                let _ = self.frontend_filter.add(frontend_slot(&key), -1);
+            }
+            return Err(map_err(FRONTENDS4, "insert")(e));
+        }
+        self.frontend_keys.insert(key);
+        self.revisions
+            .set(value.svc_id, value.revision, 0)
+            .map_err(map_err(SVC_REVISIONS, "set"))
     }
 
+    /// The service id's revision goes first, so no established flow outlives its frontend on
+    /// the datapath's short path; the filter bit last.
     fn del_frontend(&mut self, key: Frontend4Key) -> Result<(), WriteError> {
-        ignore_missing(self.frontends.remove(&key)).map_err(map_err(FRONTENDS4, "remove"))
+        match self.frontends.get(&key, 0) {
+            Ok(svc) => self
+                .revisions
+                .set(svc.svc_id, 0, 0)
+                .map_err(map_err(SVC_REVISIONS, "set"))?,
+            Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(FRONTENDS4, "get")(e)),
+        }
+        ignore_missing(self.frontends.remove(&key)).map_err(map_err(FRONTENDS4, "remove"))?;
+        if self.frontend_keys.remove(&key)
+            && let Err(e) = self.frontend_filter.add(frontend_slot(&key), -1)
+        {
+            // Counted still: a retried removal decrements again.
+            self.frontend_keys.insert(key);
+            return Err(e);
+        }
+        Ok(())
     }
 
     fn put_slot(&mut self, key: SlotKey, value: Slot) -> Result<(), WriteError> {
@@ -143,14 +293,7 @@ impl MapOps for KernelMaps {
     }
 
     fn filter_add(&mut self, slot: u32, delta: i32) -> Result<(), WriteError> {
-        let cur = self
-            .filter
-            .get(&slot, 0)
-            .map_err(map_err(REPLY_FILTER, "get"))?;
-        let new = cur.saturating_add_signed(delta);
-        self.filter
-            .set(slot, new, 0)
-            .map_err(map_err(REPLY_FILTER, "set"))
+        self.filter.add(slot, delta)
     }
 
     fn snapshot(&mut self) -> Result<Snapshot, WriteError> {
@@ -184,19 +327,7 @@ impl MapOps for KernelMaps {
     }
 
     fn reset_filter(&mut self, counts: &StdHashMap<u32, u32>) -> Result<(), WriteError> {
-        for slot in 0..REPLY_FILTER_SIZE {
-            let want = counts.get(&slot).copied().unwrap_or(0);
-            let have = self
-                .filter
-                .get(&slot, 0)
-                .map_err(map_err(REPLY_FILTER, "get"))?;
-            if have != want {
-                self.filter
-                    .set(slot, want, 0)
-                    .map_err(map_err(REPLY_FILTER, "set"))?;
-            }
-        }
-        Ok(())
+        self.filter.reset(counts.clone())
     }
 }
 

@@ -19,7 +19,7 @@ use aya::{
     },
 };
 use proxy_common::{
-    backend::{BACKENDS4, Backend4, DEFAULT_BACKENDS, REPLY_FILTER, REPLY_FILTER_SIZE},
+    backend::{BACKENDS4, Backend4, DEFAULT_BACKENDS, REPLY_FILTER, REPLY_FILTER_WORDS},
     conntrack::{
         AFFINITY4, AffinityEntry, AffinityKey4, CT4, CtEntry4, CtKey4, DEFAULT_AFFINITY,
         DEFAULT_CT, DEFAULT_FRAG, FRAG4, FragKey4, FragPorts,
@@ -27,8 +27,8 @@ use proxy_common::{
     meta::{SVC_META, ServiceMeta},
     service::{
         DEFAULT_FRONTENDS, DEFAULT_MAGLEV_ENTRIES, DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_SLOTS,
-        FRONTENDS4, Frontend4Key, MAGLEV_TABLE_SIZE_GLOBAL, MAGLEV4, SLOTS, Service4, Slot,
-        SlotKey,
+        FRONTEND_FILTER, FRONTEND_FILTER_WORDS, FRONTENDS4, Frontend4Key, MAGLEV_TABLE_SIZE_GLOBAL,
+        MAGLEV4, SLOTS, SVC_REVISIONS, Service4, Slot, SlotKey,
     },
     stats::{STAT_COUNT, STATS, SVC_STATS, SvcStats},
 };
@@ -198,7 +198,7 @@ pub struct Datapath {
 }
 
 /// Names, key/value sizes and max entries of every map, for pin compatibility checks.
-pub(crate) fn map_specs(sizes: &MapSizes) -> [(&'static str, u32, u32, u32); 11] {
+pub(crate) fn map_specs(sizes: &MapSizes) -> [(&'static str, u32, u32, u32); 13] {
     [
         (
             MAGLEV4,
@@ -244,7 +244,9 @@ pub(crate) fn map_specs(sizes: &MapSizes) -> [(&'static str, u32, u32, u32); 11]
             size_of::<CtEntry4>() as u32,
             sizes.conntrack,
         ),
-        (REPLY_FILTER, 4, 4, REPLY_FILTER_SIZE),
+        (REPLY_FILTER, 4, 8, REPLY_FILTER_WORDS),
+        (FRONTEND_FILTER, 4, 8, FRONTEND_FILTER_WORDS),
+        (SVC_REVISIONS, 4, 4, sizes.frontends + 1),
         (STATS, 4, 8, STAT_COUNT),
         // One record per service id.
         (

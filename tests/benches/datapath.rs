@@ -28,9 +28,9 @@ use aya::{
     programs::{TestRun as _, TestRunOptions},
 };
 use proxy_common::{
-    backend::reply_filter_slot,
+    backend::{REPLY_FILTER_SIZE, filter_slot, reply_filter_slot},
     conntrack::{CT_DIR_FORWARD, CT4, CtEntry4, CtKey4},
-    service::{Frontend4Key, Service4},
+    service::{FRONTEND_FILTER_SIZE, Frontend4Key, Service4},
     stats::{
         STAT_COUNT, STAT_FWD_ESTABLISHED, STAT_FWD_NEW, STAT_NAMES, STAT_PASS_NO_SERVICE, STATS,
     },
@@ -222,9 +222,8 @@ struct Row {
     s_lookup: Vec<f64>,
     s_hit_est: Vec<f64>,
     hit_new: Vec<f64>,
-    /// Whether the miss packet's reply-filter slot is taken by some backend, which costs the
-    /// miss path a conntrack lookup.
-    miss_filter_hit: bool,
+    /// How the miss packet fares in the datapath's two bitmap filters.
+    miss_filters: MissFilters,
     /// Frontends in the map while measuring (N, or 2 for N = 1: see `Setup::new`).
     frontends_loaded: usize,
     /// What the counters said when one established packet was simply repeated.
@@ -475,6 +474,61 @@ fn naive_repeat(b: &mut Bench, repeat: u32) -> Result<String> {
     ))
 }
 
+/// The miss packet in the datapath's bitmap filters. A set frontend bit (its destination) costs
+/// a miss the flow and the frontend lookups; a set reply bit (its source) a conntrack lookup.
+/// The shares of bits set are those odds for a packet of random addresses.
+#[derive(Clone, Copy)]
+struct MissFilters {
+    frontend_taken: bool,
+    frontend_share: f64,
+    reply_taken: bool,
+    reply_share: f64,
+}
+
+impl MissFilters {
+    /// What the map writer sets for `frontends` Services of the benchmark's shape.
+    fn of(frontends: usize) -> Self {
+        let fe: HashSet<u32> = (0..frontends)
+            .map(|s| {
+                let k = frontend_key(s);
+                filter_slot(k.addr_be, k.port_be, FRONTEND_FILTER_SIZE)
+            })
+            .collect();
+        let reply: HashSet<u32> = (0..frontends * BACKENDS_PER_SERVICE)
+            .map(|i| {
+                reply_filter_slot(
+                    u32::from_ne_bytes(backend_addr(i).octets()),
+                    BACKEND_PORT.to_be(),
+                )
+            })
+            .collect();
+        Self {
+            frontend_taken: fe.contains(&filter_slot(
+                u32::from_ne_bytes(NOT_A_SERVICE.octets()),
+                SERVICE_PORT.to_be(),
+                FRONTEND_FILTER_SIZE,
+            )),
+            frontend_share: fe.len() as f64 / FRONTEND_FILTER_SIZE as f64,
+            reply_taken: reply.contains(&reply_filter_slot(
+                u32::from_ne_bytes(CLIENT.octets()),
+                PORT_MISS.to_be(),
+            )),
+            reply_share: reply.len() as f64 / REPLY_FILTER_SIZE as f64,
+        }
+    }
+
+    fn describe(&self) -> String {
+        let bit = |taken| if taken { "set" } else { "clear" };
+        format!(
+            "frontend {} ({:.1}%), reply {} ({:.1}%)",
+            bit(self.frontend_taken),
+            self.frontend_share * 100.0,
+            bit(self.reply_taken),
+            self.reply_share * 100.0
+        )
+    }
+}
+
 /// One N loaded: the datapath with its maps written, the packets, and the flows they need.
 struct Setup {
     n: usize,
@@ -486,7 +540,7 @@ struct Setup {
     miss: Vec<u8>,
     /// An established flow's packet to a real backend (single method).
     est: Vec<u8>,
-    miss_filter_hit: bool,
+    miss_filters: MissFilters,
     naive: String,
     /// Next fresh client port for hit_new.
     next_port: u16,
@@ -545,20 +599,7 @@ impl Setup {
 
         let svc0 = service_addr(0);
         let svc1 = service_addr(1);
-        let miss_filter_hit = {
-            let slots: HashSet<u32> = (0..frontends_loaded * BACKENDS_PER_SERVICE)
-                .map(|i| {
-                    reply_filter_slot(
-                        u32::from_ne_bytes(backend_addr(i).octets()),
-                        BACKEND_PORT.to_be(),
-                    )
-                })
-                .collect();
-            slots.contains(&reply_filter_slot(
-                u32::from_ne_bytes(CLIENT.octets()),
-                PORT_MISS.to_be(),
-            ))
-        };
+        let miss_filters = MissFilters::of(frontends_loaded);
 
         // hit_est, repeat method. BPF_PROG_TEST_RUN runs every repetition on the same buffer,
         // so after the first one the packet is already translated to its backend and would
@@ -607,7 +648,7 @@ impl Setup {
             pingpong,
             miss: tcp_frame(CLIENT, PORT_MISS, NOT_A_SERVICE, SERVICE_PORT, TCP_ACK),
             est,
-            miss_filter_hit,
+            miss_filters,
             naive,
             next_port: PORT_NEW_BASE,
             _guard: guard,
@@ -681,7 +722,7 @@ fn measure(cfg: &Config, setups: &mut [Setup]) -> Result<Vec<Row>> {
             s_lookup: Vec::new(),
             s_hit_est: Vec::new(),
             hit_new: Vec::new(),
-            miss_filter_hit: s.miss_filter_hit,
+            miss_filters: s.miss_filters,
             frontends_loaded: s.frontends_loaded,
             naive: s.naive.clone(),
         })
@@ -796,7 +837,8 @@ impl Report {
         );
         let _ = writeln!(
             t,
-            "{:>6} | {:>18} | {:>18} | {:>18} | {:>18} | {:>8} | {:>8} | miss: reply filter",
+            "{:>6} | {:>18} | {:>18} | {:>18} | {:>18} | {:>8} | {:>8} | miss packet's filter bits \
+             (share of bits set)",
             "N",
             "miss",
             "hit_est",
@@ -827,11 +869,7 @@ impl Report {
                 ),
                 ratio(self.row(first)),
                 ratio(self.row(SCALE_BASE_N)),
-                if r.miss_filter_hit {
-                    "slot taken: + CT lookup"
-                } else {
-                    "slot free"
-                },
+                r.miss_filters.describe(),
             );
         }
         if let Some(r) = self.rows.iter().find(|r| r.frontends_loaded != r.n) {

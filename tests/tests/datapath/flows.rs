@@ -299,6 +299,59 @@ both_hooks!(
     flow_moves_when_its_backend_is_removed_xdp
 );
 
+/// A removed frontend's established flows are no longer translated, also on the short path
+/// that never looks the frontend up: a UDP frontend on the same address and port keeps the
+/// frontend filter's bit set, so only the service id's zeroed revision stops the TCP flow. When
+/// the frontend comes back (with its service id reused), the flow gets one of its backends.
+fn removed_frontend_stops_its_established_flows(hook: Hook) {
+    let mut h = Harness::for_hook("fegone", hook);
+    let tcp = |b: Vec<Backend>| svc(fe(VIP, 80, Protocol::Tcp), b);
+    let udp = svc(fe(VIP, 80, Protocol::Udp), vec![be(B3, 8080)]);
+    h.set(&[tcp(vec![be(B1, 8080)]), udp.clone()]);
+    let syn = ip((CLIENT, 44000), (VIP_A, 80), TCP);
+    let ack = syn.clone().flags(ACK);
+    assert_eq!(forwarded(&mut h, hook, &syn, STAT_FWD_NEW, "first SYN"), B1);
+    assert_eq!(
+        forwarded(&mut h, hook, &ack, STAT_FWD_ESTABLISHED, "first ACK"),
+        B1
+    );
+
+    h.apply(std::slice::from_ref(&udp));
+    let (verdict, out) = h.run_counted(
+        hook,
+        &ack.frame(),
+        STAT_PASS_NO_SERVICE,
+        "ACK after the frontend was removed",
+    );
+    assert_eq!(verdict, Verdict::Pass);
+    assert_eq!(
+        dst_of(&out),
+        VIP,
+        "a removed frontend's flow must pass untranslated"
+    );
+
+    h.apply(&[tcp(vec![be(B2, 8080)]), udp]);
+    assert_eq!(
+        forwarded(
+            &mut h,
+            hook,
+            &ack,
+            STAT_FWD_NEW,
+            "ACK after the frontend came back"
+        ),
+        B2,
+        "the flow must be given a backend of the frontend as it is now"
+    );
+    assert_eq!(
+        forwarded(&mut h, hook, &ack, STAT_FWD_ESTABLISHED, "next ACK"),
+        B2
+    );
+}
+both_hooks!(
+    removed_frontend_stops_its_established_flows: removed_frontend_stops_its_established_flows_tc,
+    removed_frontend_stops_its_established_flows_xdp
+);
+
 /// A UDP flow idle for less than its 60 s timeout continues; idle for longer, its next
 /// datagram is a new flow.
 fn aged_udp_flow_is_reselected(hook: Hook) {
