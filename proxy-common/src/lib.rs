@@ -22,6 +22,11 @@ pub mod stats;
 /// key/value sizes do not match, rather than misreading them.
 pub const LAYOUT_VERSION: u32 = 3;
 
+/// The pinned one-entry array holding the [`LAYOUT_VERSION`] of the build that wrote the maps
+/// beside it: a field can move without any key or value size changing, so sizes alone cannot
+/// tell two layouts apart. 0 means not yet recorded (a first load that stopped before it could).
+pub const LAYOUT: &str = "LAYOUT";
+
 /// Implements `aya::Pod` for the host side. The `bytemuck::Pod` derive already proved the type
 /// has no padding bytes or invalid bit patterns, which is exactly `aya::Pod`'s contract.
 #[macro_export]

@@ -80,3 +80,8 @@ pub static SVC_META: HashMap<u32, ServiceMeta, 65_536, NO_PREALLOC> = HashMap::n
 /// Maglev table size (a prime), set by the controller at load time.
 #[unsafe(no_mangle)]
 pub static MAGLEV_TABLE_SIZE: u32 = proxy_common::service::DEFAULT_MAGLEV_TABLE_SIZE;
+
+/// The layout version of the build that pinned these maps (`proxy_common::LAYOUT`). Only the
+/// controller reads and writes it.
+#[btf_map]
+pub static LAYOUT: Array<u32, 1> = Array::new();

@@ -10,7 +10,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::MapInfo,
+    maps::{Array, Map, MapData, MapInfo},
     programs::{
         SchedClassifier, TcAttachType, TestRun, TestRunOptions, TestRunResult, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -19,6 +19,7 @@ use aya::{
     },
 };
 use proxy_common::{
+    LAYOUT,
     backend::{BACKENDS4, Backend4, DEFAULT_BACKENDS, REPLY_FILTER, REPLY_FILTER_WORDS},
     conntrack::{
         AFFINITY4, AffinityEntry, AffinityKey4, CT4, CtEntry4, CtKey4, DEFAULT_AFFINITY,
@@ -146,6 +147,23 @@ pub enum LoadError {
         expected: u32,
         layout: u32,
     },
+    #[error(
+        "the maps pinned in {dir} were written by svcproxy with map layout version {found}, this \
+         build has version {expected}: their entries would be misread. Run a build of that \
+         version, or remove the pins (`svcproxy cleanup --pin-path {dir}`, or `rm -r {dir}`) to \
+         start over, which drops live flows"
+    )]
+    IncompatibleLayout {
+        dir: PathBuf,
+        /// `None` for pins of a build from before layout versions were recorded.
+        found: LayoutVersion,
+        expected: u32,
+    },
+    #[error("cannot read the layout version pinned at {path}: {source}")]
+    LayoutVersion {
+        path: PathBuf,
+        source: aya::maps::MapError,
+    },
     #[error("cannot inspect pinned map {path}: {source}")]
     PinInfo {
         path: PathBuf,
@@ -198,7 +216,7 @@ pub struct Datapath {
 }
 
 /// Names, key/value sizes and max entries of every map, for pin compatibility checks.
-pub(crate) fn map_specs(sizes: &MapSizes) -> [(&'static str, u32, u32, u32); 13] {
+pub(crate) fn map_specs(sizes: &MapSizes) -> [(&'static str, u32, u32, u32); 14] {
     [
         (
             MAGLEV4,
@@ -248,6 +266,7 @@ pub(crate) fn map_specs(sizes: &MapSizes) -> [(&'static str, u32, u32, u32); 13]
         (FRONTEND_FILTER, 4, 8, FRONTEND_FILTER_WORDS),
         (SVC_REVISIONS, 4, 4, sizes.frontends + 1),
         (STATS, 4, 8, STAT_COUNT),
+        (LAYOUT, 4, 4, 1),
         // One record per service id.
         (
             SVC_META,
@@ -269,6 +288,7 @@ impl Datapath {
         }
         prepare_pin_dir(pin_dir)?;
         let specs = map_specs(sizes);
+        check_layout(pin_dir)?;
         check_pins(pin_dir, &specs)?;
         let paths: Vec<(&'static str, PathBuf)> = specs
             .iter()
@@ -283,6 +303,8 @@ impl Datapath {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
+        // Recorded before anything else is written: from here on the pins are this layout's.
+        record_layout(&mut ebpf, pin_dir)?;
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => Some(logger),
             // The object only logs on rare error paths; without log statements there is no
@@ -645,6 +667,65 @@ fn ensure_bpffs(dir: &Path) -> Result<(), LoadError> {
         });
     }
     Ok(())
+}
+
+/// A layout version found in a pin directory, as printed in errors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayoutVersion(pub Option<u32>);
+
+impl std::fmt::Display for LayoutVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(v) => write!(f, "{v}"),
+            None => f.write_str("1 or 2 (from before versions were recorded)"),
+        }
+    }
+}
+
+/// Refuses pins written by a build with another layout version. Pins without a version record
+/// beside existing maps come from a build that predates the record.
+fn check_layout(dir: &Path) -> Result<(), LoadError> {
+    let path = dir.join(LAYOUT);
+    let refuse = |found| LoadError::IncompatibleLayout {
+        dir: dir.to_owned(),
+        found,
+        expected: proxy_common::LAYOUT_VERSION,
+    };
+    if !path.exists() {
+        let has_maps = [FRONTENDS4, BACKENDS4, CT4]
+            .iter()
+            .any(|m| dir.join(m).exists());
+        return if has_maps {
+            Err(refuse(LayoutVersion(None)))
+        } else {
+            Ok(())
+        };
+    }
+    let read = || -> Result<u32, aya::maps::MapError> {
+        let data = MapData::from_pin(&path)?;
+        Array::<_, u32>::try_from(Map::Array(data))?.get(&0, 0)
+    };
+    match read() {
+        Ok(found) if found == 0 || found == proxy_common::LAYOUT_VERSION => Ok(()),
+        Ok(found) => Err(refuse(LayoutVersion(Some(found)))),
+        Err(source) => Err(LoadError::LayoutVersion { path, source }),
+    }
+}
+
+fn record_layout(ebpf: &mut Ebpf, dir: &Path) -> Result<(), LoadError> {
+    let path = dir.join(LAYOUT);
+    let err = |source| LoadError::LayoutVersion {
+        path: path.clone(),
+        source,
+    };
+    let map = ebpf.map_mut(LAYOUT).ok_or_else(|| {
+        err(aya::maps::MapError::InvalidName {
+            name: LAYOUT.to_owned(),
+        })
+    })?;
+    Array::<_, u32>::try_from(map)
+        .and_then(|mut a| a.set(0, proxy_common::LAYOUT_VERSION, 0))
+        .map_err(err)
 }
 
 /// Refuses pinned maps whose layout or size differs from this build's: adopting them would

@@ -21,7 +21,7 @@ use std::{
 
 use aya::programs::links::{FdLink, PinnedLink};
 use common::{Endpoint, Manifests, Proxy, SvcPort};
-use proxy_common::{LAYOUT_VERSION, backend::BACKENDS4};
+use proxy_common::{LAYOUT, LAYOUT_VERSION, backend::BACKENDS4};
 use svcproxy_tests::{
     Sandbox, in_netns,
     load::{ConnectionLoad, LoadOptions, LoadReport, LongStream, StreamReport},
@@ -371,11 +371,87 @@ fn sigkill_and_restart_under_load_lose_no_connection() {
 
 /// An upgrade to a build whose map layout differs from the pinned maps': the new svcproxy
 /// refuses to adopt them, says why and how to start over, and touches nothing, so the
-/// programs already attached keep serving on the maps they have.
+/// programs already attached keep serving on the maps they have. Here the other build's map
+/// has another value size.
 #[test]
 fn a_build_with_another_map_layout_is_refused_and_the_datapath_keeps_serving() {
+    refused_upgrade("uplayout", |pins| {
+        // What an older build would have pinned: the backend map with a wider value. The
+        // attached programs keep the map they were loaded with; the pin is only what the next
+        // svcproxy finds. The original stays pinned beside it (bpffs names may hold no dot).
+        let pin = pins.join(BACKENDS4);
+        fs::rename(&pin, pins.join("BACKENDS4_live")).expect("moving the backend map's pin");
+        let value = size_of::<proxy_common::backend::Backend4>() + 4;
+        bpftool(&[
+            "map".as_ref(),
+            "create".as_ref(),
+            pin.as_os_str(),
+            "type".as_ref(),
+            "hash".as_ref(),
+            "key".as_ref(),
+            "4".as_ref(),
+            "value".as_ref(),
+            value.to_string().as_ref(),
+            "entries".as_ref(),
+            "4096".as_ref(),
+            "name".as_ref(),
+            BACKENDS4.as_ref(),
+            "flags".as_ref(),
+            "1".as_ref(),
+        ]);
+        vec![
+            format!("pinned map {}", pin.display()),
+            format!("has value size {value}, this build expects {}", value - 4),
+            format!("incompatible svcproxy (layout version {LAYOUT_VERSION})"),
+            format!("rm -r {}", pins.display()),
+        ]
+    });
+}
+
+/// The same when every size matches but the recorded layout version does not (a field moved):
+/// sizes alone would have let the new build misread every entry.
+#[test]
+fn maps_recorded_with_another_layout_version_are_refused_even_when_sizes_match() {
+    refused_upgrade("upversion", |pins| {
+        let other = LAYOUT_VERSION + 1;
+        let pin = pins.join(LAYOUT);
+        let value = other.to_le_bytes().map(|b| b.to_string());
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "map".as_ref(),
+            "update".as_ref(),
+            "pinned".as_ref(),
+            pin.as_os_str(),
+            "key".as_ref(),
+        ];
+        args.extend(["0", "0", "0", "0", "value"].map(std::ffi::OsStr::new));
+        args.extend(value.iter().map(std::ffi::OsStr::new));
+        bpftool(&args);
+        vec![
+            format!("written by svcproxy with map layout version {other}"),
+            format!("this build has version {LAYOUT_VERSION}"),
+            format!("rm -r {}", pins.display()),
+        ]
+    });
+}
+
+fn bpftool(args: &[&std::ffi::OsStr]) {
+    let out = std::process::Command::new("bpftool")
+        .args(args)
+        .output()
+        .expect("running bpftool (installed by `cargo xtask setup`)");
+    assert!(
+        out.status.success(),
+        "bpftool {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Stops svcproxy under load keeping its pins, lets `tamper` make them another build's (it
+/// returns what the refusal must say), starts the current build over them, and checks that it
+/// refuses, says so, leaves the links alone, and that the load lost nothing.
+fn refused_upgrade(tag: &str, tamper: impl FnOnce(&std::path::Path) -> Vec<String>) {
     let _serial = serial();
-    let (sb, manifests) = cluster("uplayout");
+    let (sb, manifests) = cluster(tag);
     let proxy = start_proxy(&sb, &manifests);
     let before = links(proxy.pin_dir());
     let incompatible = proxy.command(&sb);
@@ -383,24 +459,7 @@ fn a_build_with_another_map_layout_is_refused_and_the_datapath_keeps_serving() {
     let traffic = Traffic::start(&sb);
     let from = traffic.mark();
     let pins = proxy.stop_keeping_pins();
-    // What an older build would have pinned: the backend map with a wider value. The attached
-    // programs keep the map they were loaded with; the pin is only what the next svcproxy
-    // finds. The original stays pinned beside it (bpffs names may hold no dot).
-    let pin = pins.0.join(BACKENDS4);
-    fs::rename(&pin, pins.0.join("BACKENDS4_live")).expect("moving the backend map's pin");
-    let value = size_of::<proxy_common::backend::Backend4>() + 4;
-    let created = std::process::Command::new("bpftool")
-        .args(["map", "create"])
-        .arg(&pin)
-        .args(["type", "hash", "key", "4", "value", &value.to_string()])
-        .args(["entries", "4096", "name", BACKENDS4, "flags", "1"])
-        .output()
-        .expect("running bpftool (installed by `cargo xtask setup`)");
-    assert!(
-        created.status.success(),
-        "bpftool map create: {}",
-        String::from_utf8_lossy(&created.stderr)
-    );
+    let expected = tamper(&pins.0);
 
     let log = std::env::temp_dir().join(common::unique("svcproxy-refused.log"));
     let log_file = fs::File::create(&log).expect("log file");
@@ -432,12 +491,7 @@ fn a_build_with_another_map_layout_is_refused_and_the_datapath_keeps_serving() {
         status.is_some_and(|s| !s.success()),
         "svcproxy adopted maps of another layout (status {status:?}):\n{printed}"
     );
-    for expected in [
-        format!("pinned map {}", pin.display()),
-        format!("has value size {value}, this build expects {}", value - 4),
-        format!("incompatible svcproxy (layout version {LAYOUT_VERSION})"),
-        format!("rm -r {}", pins.0.display()),
-    ] {
+    for expected in expected {
         assert!(
             printed.contains(&expected),
             "the refusal does not say {expected:?}:\n{printed}"
