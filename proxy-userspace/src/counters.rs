@@ -2,10 +2,13 @@
 //! kernel keeps the running totals, so reading more often would only cost syscalls) and named
 //! through the [`Directory`] the run loop keeps after every sync.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex, PoisonError},
+};
 
 use crate::{
-    desired::Desired,
+    desired::{Desired, Frontend},
     kernel_maps::StatsReader,
     loader::MapSizes,
     metrics::{DatapathSnapshot, MapUsage, ServiceLabels},
@@ -16,22 +19,47 @@ use crate::{
 /// and how full the writer's maps are.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Directory {
-    pub services: Vec<(u32, ServiceLabels)>,
+    /// Shared with the [`Names`] that keeps them: a scrape copies a pointer.
+    pub services: Arc<BTreeMap<u32, ServiceLabels>>,
     pub maps: Vec<MapUsage>,
 }
 
+/// The names behind service ids, kept up to date frontend by frontend as syncs change them.
+/// Frontends the writer holds but the desired state no longer has (a removal that failed and
+/// waits for its retry) keep counting, under no name rather than a wrong one, so they are left
+/// out.
+#[derive(Debug, Default)]
+pub struct Names {
+    ids: HashMap<Frontend, u32>,
+    services: Arc<BTreeMap<u32, ServiceLabels>>,
+}
+
+impl Names {
+    /// After `writer` applied `desired`, looking at [`MapWriter::looked_at`]: nothing else can
+    /// have changed its service id or its name.
+    pub fn update<M: MapOps>(&mut self, writer: &MapWriter<M>, desired: &Desired) {
+        let services = Arc::make_mut(&mut self.services);
+        let looked_at = writer.looked_at();
+        // Every old name first: an id freed by one frontend may go to another in one sync.
+        for fe in looked_at {
+            if let Some(id) = self.ids.remove(fe) {
+                services.remove(&id);
+            }
+        }
+        for fe in looked_at {
+            let (Some(id), Some(state)) = (writer.service_id(fe), desired.frontends.get(fe)) else {
+                continue;
+            };
+            self.ids.insert(*fe, id);
+            services.insert(id, ServiceLabels::new(&state.service, &state.port_name));
+        }
+    }
+}
+
 impl Directory {
-    /// The directory after `writer` applied `desired`. Frontends the writer holds but `desired`
-    /// no longer has (a removal that failed and waits for its retry) keep counting, under no
-    /// name rather than a wrong one, so they are left out.
-    pub fn of<M: MapOps>(writer: &MapWriter<M>, desired: &Desired, sizes: &MapSizes) -> Self {
-        let services = writer
-            .service_ids()
-            .filter_map(|(fe, id)| {
-                let state = desired.frontends.get(fe)?;
-                Some((id, ServiceLabels::new(&state.service, &state.port_name)))
-            })
-            .collect();
+    /// The directory after `writer` applied a desired state named by `names`.
+    pub fn of<M: MapOps>(writer: &MapWriter<M>, names: &Names, sizes: &MapSizes) -> Self {
+        let services = Arc::clone(&names.services);
         let usage = writer.usage();
         let map = |name: &str, entries, capacity| MapUsage {
             name: name.to_owned(),
@@ -89,12 +117,12 @@ impl crate::metrics::DatapathReader for CounterReader {
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
         let mut services = Vec::with_capacity(directory.services.len());
-        for (id, labels) in directory.services {
+        for (&id, labels) in directory.services.iter() {
             let stats = self
                 .stats
                 .read_service(id)
                 .map_err(|e| format!("counters of service id {id} ({labels:?}): {e}"))?;
-            services.push((labels, stats));
+            services.push((labels.clone(), stats));
         }
         Ok(DatapathSnapshot {
             outcomes,

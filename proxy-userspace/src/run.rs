@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     caps::{self, CapError},
-    counters::{CounterReader, Directory, SharedDirectory},
+    counters::{CounterReader, Directory, Names, SharedDirectory},
     health::{self, HealthState},
     iface,
     kernel_maps::{KernelMaps, OpenError, StatsReader},
@@ -240,6 +240,8 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         metrics,
         health,
         directory,
+        names: Names::default(),
+        applied_once: false,
         totals: ChangeTotals::default(),
     };
     let result = sync_loop(&mut dp, &opts, store, &mut syncer, &shutdown).await;
@@ -378,6 +380,10 @@ struct Syncer {
     sizes: MapSizes,
     /// Names per service id for the counters, replaced after every sync.
     directory: SharedDirectory,
+    /// The names behind the directory, updated frontend by frontend.
+    names: Names,
+    /// Whether the writer has applied a whole desired state yet.
+    applied_once: bool,
     /// Change totals already added to the metrics' counters.
     totals: ChangeTotals,
 }
@@ -407,12 +413,16 @@ impl Syncer {
         }
         let node = state.node_info(&self.node_name);
         let snapshot_done = Instant::now();
-        let desired = self.planner.plan(&PlanInput {
+        self.planner.plan(&PlanInput {
             services: &state.services,
             slices: &state.slices,
             node: &node,
             options: &self.plan_options,
         });
+        let changed = self.planner.take_changed();
+        // The snapshot's pointers are no longer needed: the planner holds what it keeps.
+        drop(state);
+        let desired = self.planner.desired();
         let rejections: HashSet<String> = desired
             .rejections
             .iter()
@@ -423,7 +433,14 @@ impl Syncer {
         }
         self.reported = rejections;
         let plan_done = Instant::now();
-        let stats = writer.apply(&desired);
+        // The first apply looks at everything: the adopted maps may hold frontends the planner
+        // never produced. After that, only what the planner says changed (and failed writes).
+        let stats = if self.applied_once {
+            writer.apply_changed(desired, &changed)
+        } else {
+            self.applied_once = true;
+            writer.apply(desired)
+        };
         let apply_done = Instant::now();
         self.metrics.observe_sync_frontends(
             [
@@ -434,11 +451,12 @@ impl Syncer {
             ]
             .map(|n| n as u64),
         );
+        self.names.update(writer, desired);
         *self
             .directory
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) =
-            Directory::of(writer, &desired, &self.sizes);
+            Directory::of(writer, &self.names, &self.sizes);
         if stats.failed == 0 {
             // Everything queued before the snapshot is programmed now.
             let now = SystemTime::now();
@@ -453,12 +471,13 @@ impl Syncer {
         } else {
             store.restore_pending(changes);
         }
+        let frontends = desired.frontends.len();
         self.count_changes(store);
         if stats.frontends_written + stats.frontends_removed + stats.failed == 0 {
-            tracing::debug!(frontends = desired.frontends.len(), "no change");
+            tracing::debug!(frontends, "no change");
         } else {
             tracing::info!(
-                frontends = desired.frontends.len(),
+                frontends,
                 written = stats.frontends_written,
                 removed = stats.frontends_removed,
                 failed = stats.failed,
