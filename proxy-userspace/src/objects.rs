@@ -5,8 +5,9 @@
 //! target references, every optional field) 10,000 Services with 10 endpoints each took about
 //! 70 MiB, as these structs about a tenth of that. The copies keep values as the API wrote
 //! them (the planner still judges every field, refusing what is bad with its reason); only
-//! strings many objects repeat (namespaces, node and zone names) are shared through an
-//! [`Interner`], and an endpoint address in canonical dotted-quad form is kept as the address.
+//! strings many objects repeat (namespaces, node and zone names, port names, enum-like values)
+//! are shared through an [`Interner`], an endpoint address in canonical dotted-quad form is
+//! kept as the address, and the legacy `clusterIP` only where the planner reads it.
 
 use std::{collections::HashSet, net::Ipv4Addr, sync::Arc};
 
@@ -44,23 +45,25 @@ pub struct ServiceObject {
 /// What the planner reads of a Service's `spec`. Absent lists are empty.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceSpec {
-    pub type_: Option<String>,
+    pub type_: Option<Arc<str>>,
+    /// Kept only when `cluster_ips` is empty or it is "None" (headless): otherwise the list
+    /// says everything.
     pub cluster_ip: Option<String>,
     pub cluster_ips: Vec<String>,
     pub external_ips: Vec<String>,
     pub ports: Vec<ServicePort>,
-    pub session_affinity: Option<String>,
+    pub session_affinity: Option<Arc<str>>,
     /// `sessionAffinityConfig.clientIP.timeoutSeconds`.
     pub affinity_timeout_s: Option<i32>,
-    pub internal_traffic_policy: Option<String>,
-    pub traffic_distribution: Option<String>,
+    pub internal_traffic_policy: Option<Arc<str>>,
+    pub traffic_distribution: Option<Arc<str>>,
 }
 
 /// One `spec.ports` entry.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServicePort {
-    pub name: Option<String>,
-    pub protocol: Option<String>,
+    pub name: Option<Arc<str>>,
+    pub protocol: Option<Arc<str>>,
     pub port: i32,
 }
 
@@ -88,8 +91,8 @@ pub struct SliceObject {
 /// One `ports` entry of a slice.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SlicePort {
-    pub name: Option<String>,
-    pub protocol: Option<String>,
+    pub name: Option<Arc<str>>,
+    pub protocol: Option<Arc<str>>,
     pub port: Option<i32>,
 }
 
@@ -103,7 +106,7 @@ pub struct SliceEndpoint {
     pub terminating: Option<bool>,
     pub node_name: Option<Arc<str>>,
     /// `hints.forZones[].name`.
-    pub zone_hints: Vec<Arc<str>>,
+    pub zone_hints: Box<[Arc<str>]>,
 }
 
 /// An address as the API wrote it: the common case (an IPv4 address in canonical form) in four
@@ -154,29 +157,34 @@ impl ServiceObject {
         let labels = meta.labels.as_ref();
         let annotations = meta.annotations.as_ref();
         let spec = svc.spec.as_ref().map(|spec| {
+            let cluster_ips = spec.cluster_ips.clone().unwrap_or_default();
+            let mut intern = |s: &Option<String>| s.as_deref().map(|s| interner.intern(s));
             Box::new(ServiceSpec {
-                type_: spec.type_.clone(),
-                cluster_ip: spec.cluster_ip.clone(),
-                cluster_ips: spec.cluster_ips.clone().unwrap_or_default(),
+                type_: intern(&spec.type_),
+                cluster_ip: spec
+                    .cluster_ip
+                    .clone()
+                    .filter(|ip| cluster_ips.is_empty() || ip == "None"),
+                cluster_ips,
                 external_ips: spec.external_ips.clone().unwrap_or_default(),
                 ports: spec
                     .ports
                     .iter()
                     .flatten()
                     .map(|p| ServicePort {
-                        name: p.name.clone(),
-                        protocol: p.protocol.clone(),
+                        name: intern(&p.name),
+                        protocol: intern(&p.protocol),
                         port: p.port,
                     })
                     .collect(),
-                session_affinity: spec.session_affinity.clone(),
+                session_affinity: intern(&spec.session_affinity),
                 affinity_timeout_s: spec
                     .session_affinity_config
                     .as_ref()
                     .and_then(|c| c.client_ip.as_ref())
                     .and_then(|c| c.timeout_seconds),
-                internal_traffic_policy: spec.internal_traffic_policy.clone(),
-                traffic_distribution: spec.traffic_distribution.clone(),
+                internal_traffic_policy: intern(&spec.internal_traffic_policy),
+                traffic_distribution: intern(&spec.traffic_distribution),
             })
         });
         let lb_ingress = svc
@@ -231,8 +239,8 @@ impl SliceObject {
                 .iter()
                 .flatten()
                 .map(|p| SlicePort {
-                    name: p.name.clone(),
-                    protocol: p.protocol.clone(),
+                    name: p.name.as_deref().map(|n| interner.intern(n)),
+                    protocol: p.protocol.as_deref().map(|n| interner.intern(n)),
                     port: p.port,
                 })
                 .collect(),

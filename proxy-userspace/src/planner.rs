@@ -221,11 +221,11 @@ pub struct PlanCache {
     next_unit: u64,
     /// Unit id by object address (the unit holds the object, so the address stays its own).
     service_ptrs: HashMap<usize, u64>,
-    units_by_key: HashMap<ServiceKey, Vec<u64>>,
+    /// By (namespace, name): the units (more than one only in hand-written input) and the
+    /// usable slices, sorted by name.
+    by_key: HashMap<ServiceKey, Named>,
     /// Every slice of the last input by object address.
     slice_ptrs: HashMap<usize, Arc<SliceObject>>,
-    /// The usable slices of each Service, sorted by name.
-    slices_by_service: HashMap<ServiceKey, Vec<Arc<SliceObject>>>,
     /// Every claim on a frontend, as (unit, event index): the oldest Service's first claim wins.
     claims: HashMap<Frontend, Vec<(u64, usize)>>,
     /// Units with rejections, in planning order, to list them in that order.
@@ -242,12 +242,20 @@ type ServiceKey = (String, String);
 
 /// Planning order: oldest first, so that when two Services claim one frontend the older keeps
 /// it. A Service without a creation time (hand-written) counts as newest, so it never takes a
-/// frontend from one the API server has admitted; equals go in order of first sight.
+/// frontend from one the API server has admitted; equals go in order of first sight (unit id).
 type Order = (bool, Option<Time>, String, Option<String>, u64);
+
+/// [`Order`], borrowed from the unit.
+type OrderRef<'a> = (bool, Option<&'a Time>, &'a str, Option<&'a str>, u64);
+
+#[derive(Default)]
+struct Named {
+    units: Vec<u64>,
+    slices: Vec<Arc<SliceObject>>,
+}
 
 struct Unit {
     service: Arc<ServiceObject>,
-    order: Order,
     events: Vec<Event>,
     /// This Service's rejections, its own and its lost claims, in event order.
     rejections: Vec<Rejection>,
@@ -257,7 +265,7 @@ struct Unit {
 /// the other Services' claims (the only place Services meet).
 #[derive(Clone, Debug)]
 enum Event {
-    Frontend(Frontend, FrontendState),
+    Frontend(Frontend, Arc<FrontendState>),
     Reject(Rejection),
 }
 
@@ -282,6 +290,30 @@ fn slice_key(slice: &SliceObject) -> Option<ServiceKey> {
         namespace_of(slice.namespace.as_deref()).to_owned(),
         service.to_owned(),
     ))
+}
+
+impl Unit {
+    fn order(&self, id: u64) -> OrderRef<'_> {
+        let svc = &*self.service;
+        (
+            svc.created.is_none(),
+            svc.created.as_ref(),
+            namespace_of(svc.namespace.as_deref()),
+            svc.name.as_deref(),
+            id,
+        )
+    }
+
+    fn owned_order(&self, id: u64) -> Order {
+        let (none, created, namespace, name, id) = self.order(id);
+        (
+            none,
+            created.cloned(),
+            namespace.to_owned(),
+            name.map(str::to_owned),
+            id,
+        )
+    }
 }
 
 impl PlanCache {
@@ -342,20 +374,12 @@ impl PlanCache {
                 }
                 *count += 1;
             }
-            let order = (
-                svc.created.is_none(),
-                svc.created.clone(),
-                key.0.clone(),
-                svc.name.clone(),
-                id,
-            );
             self.service_ptrs.insert(ptr(svc), id);
-            self.units_by_key.entry(key.clone()).or_default().push(id);
+            self.by_key.entry(key.clone()).or_default().units.push(id);
             self.units.insert(
                 id,
                 Unit {
                     service: Arc::clone(svc),
-                    order,
                     events: Vec::new(),
                     rejections: Vec::new(),
                 },
@@ -383,10 +407,10 @@ impl PlanCache {
                     continue;
                 };
                 if let Some(key) = slice_key(&slice) {
-                    if let Some(list) = self.slices_by_service.get_mut(&key) {
-                        list.retain(|s| !Arc::ptr_eq(s, &slice));
-                        if list.is_empty() {
-                            self.slices_by_service.remove(&key);
+                    if let Some(named) = self.by_key.get_mut(&key) {
+                        named.slices.retain(|s| !Arc::ptr_eq(s, &slice));
+                        if named.slices.is_empty() && named.units.is_empty() {
+                            self.by_key.remove(&key);
                         }
                     }
                     dirty.insert(key);
@@ -396,7 +420,7 @@ impl PlanCache {
         for slice in added {
             self.slice_ptrs.insert(ptr(slice), Arc::clone(slice));
             if let Some(key) = slice_key(slice) {
-                let list = self.slices_by_service.entry(key.clone()).or_default();
+                let list = &mut self.by_key.entry(key.clone()).or_default().slices;
                 // After the equally named ones already there: order of first sight.
                 let at = list.partition_point(|s| s.name <= slice.name);
                 list.insert(at, Arc::clone(slice));
@@ -407,15 +431,19 @@ impl PlanCache {
         // An endpoint may not be a ClusterIP: when ClusterIPs come or go, the Services with an
         // endpoint at one of those addresses are planned again (and only those).
         if !ips_changed.is_empty() {
-            for (key, slices) in &self.slices_by_service {
-                if slices.iter().any(|s| mentions_any(s, &ips_changed)) {
+            for (key, named) in &self.by_key {
+                if named.slices.iter().any(|s| mentions_any(s, &ips_changed)) {
                     dirty.insert(key.clone());
                 }
             }
         }
 
         for key in &dirty {
-            let ids = self.units_by_key.get(key).cloned().unwrap_or_default();
+            let ids = self
+                .by_key
+                .get(key)
+                .map(|n| n.units.clone())
+                .unwrap_or_default();
             for id in ids {
                 self.replan(id, key, &mut touched);
                 reject_dirty.insert(id);
@@ -455,9 +483,9 @@ impl PlanCache {
             rejections_changed = true;
             unit.rejections = rejections;
             if unit.rejections.is_empty() {
-                self.rejecting.remove(&unit.order);
+                self.rejecting.remove(&unit.owned_order(id));
             } else {
-                self.rejecting.insert(unit.order.clone(), id);
+                self.rejecting.insert(unit.owned_order(id), id);
             }
         }
         if rejections_changed {
@@ -495,7 +523,8 @@ impl PlanCache {
         };
         self.withdraw(id, &unit.events, touched);
         self.service_ptrs.remove(&ptr(&unit.service));
-        if self.rejecting.remove(&unit.order).is_some() {
+        if !unit.rejections.is_empty() {
+            self.rejecting.remove(&unit.owned_order(id));
             *rejections_changed = true;
         }
         for ip in cluster_ipv4s_of(&unit.service) {
@@ -508,10 +537,10 @@ impl PlanCache {
             }
         }
         let key = service_key(&unit.service);
-        if let Some(ids) = self.units_by_key.get_mut(&key) {
-            ids.retain(|u| *u != id);
-            if ids.is_empty() {
-                self.units_by_key.remove(&key);
+        if let Some(named) = self.by_key.get_mut(&key) {
+            named.units.retain(|u| *u != id);
+            if named.units.is_empty() && named.slices.is_empty() {
+                self.by_key.remove(&key);
             }
         }
         dirty.insert(key);
@@ -541,9 +570,9 @@ impl PlanCache {
         let service = Arc::clone(&unit.service);
         self.withdraw(id, &old, touched);
         let own: Vec<&SliceObject> = self
-            .slices_by_service
+            .by_key
             .get(key)
-            .map(|list| list.iter().map(|s| &**s).collect())
+            .map(|named| named.slices.iter().map(|s| &**s).collect())
             .unwrap_or_default();
         let mut planner = Planner {
             node: &self.node,
@@ -568,12 +597,12 @@ impl PlanCache {
     fn winner(&self, claims: &[(u64, usize)]) -> Option<(u64, usize)> {
         claims
             .iter()
-            .filter_map(|&(id, index)| Some((&self.units.get(&id)?.order, index, id)))
+            .filter_map(|&(id, index)| Some((self.units.get(&id)?.order(id), index)))
             .min()
-            .map(|(_, index, id)| (id, index))
+            .map(|(order, index)| (order.4, index))
     }
 
-    fn frontend_state(&self, id: u64, index: usize) -> Option<&FrontendState> {
+    fn frontend_state(&self, id: u64, index: usize) -> Option<&Arc<FrontendState>> {
         match self.units.get(&id)?.events.get(index)? {
             Event::Frontend(_, state) => Some(state),
             Event::Reject(_) => None,
@@ -780,14 +809,14 @@ impl Planner<'_> {
     ) {
         self.events.push(Event::Frontend(
             frontend,
-            FrontendState {
+            Arc::new(FrontendState {
                 service: service.clone(),
                 port_name: port_name.to_owned(),
                 backends: backends.to_vec(),
                 affinity_timeout_s: traits.affinity_timeout_s,
                 algorithm: traits.algorithm,
                 drop_when_empty: traits.drop_when_empty,
-            },
+            }),
         ));
     }
 
@@ -890,9 +919,9 @@ impl Planner<'_> {
     ) -> Vec<ServicePortSpec> {
         let mut out = Vec::new();
         for port in svc.spec.iter().flat_map(|s| &s.ports) {
-            let name = port.name.clone().unwrap_or_default();
+            let name = port.name.as_deref().unwrap_or_default().to_owned();
             let Some(protocol) = Protocol::from_k8s(port.protocol.as_deref()) else {
-                let protocol = port.protocol.clone().unwrap_or_default();
+                let protocol = port.protocol.as_deref().unwrap_or_default().to_owned();
                 self.reject_service(
                     &service.namespace,
                     &service.name,

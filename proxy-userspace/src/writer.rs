@@ -714,6 +714,7 @@ mod tests {
         collections::{BTreeSet, HashMap},
         fmt,
         ops::Range,
+        sync::Arc,
     };
 
     use proxy_common::{
@@ -1232,9 +1233,14 @@ mod tests {
         }
     }
 
-    fn desired(frontends: impl IntoIterator<Item = (Frontend, FrontendState)>) -> Desired {
+    fn desired<S: Into<Arc<FrontendState>>>(
+        frontends: impl IntoIterator<Item = (Frontend, S)>,
+    ) -> Desired {
         Desired {
-            frontends: frontends.into_iter().collect(),
+            frontends: frontends
+                .into_iter()
+                .map(|(fe, state)| (fe, state.into()))
+                .collect(),
             rejections: Vec::new(),
         }
     }
@@ -1792,10 +1798,8 @@ mod tests {
         let mut w = adopt(maps);
         let mut more = d.clone();
         more.frontends
-            .insert(api(), service("api", &[active("10.244.2.1", 8443)]));
-        more.frontends
-            .get_mut(&web())
-            .expect("web desired")
+            .insert(api(), service("api", &[active("10.244.2.1", 8443)]).into());
+        Arc::make_mut(more.frontends.get_mut(&web()).expect("web desired"))
             .backends
             .push(active("10.244.1.9", 8080));
         apply_ok(&mut w, &more);
@@ -1984,7 +1988,7 @@ mod tests {
         let changed = fe(4242);
         let mut moved = backends(4242);
         moved[9].addr = Ipv4Addr::from(0x0A80_0000 + 4242 * 16 + 15);
-        d.frontends.get_mut(&changed).expect("desired").backends = moved.clone();
+        Arc::make_mut(d.frontends.get_mut(&changed).expect("desired")).backends = moved.clone();
         let stats = apply_ok(&mut w, &d);
         let want = ApplyStats {
             frontends_written: 1,
@@ -2063,7 +2067,7 @@ mod tests {
         );
         assert_eq!(w.maps.maglev.len(), TEST_CONFIG.maglev_table_size as usize);
         // Removing the frontend removes its table.
-        apply_ok(&mut w, &desired([]));
+        apply_ok(&mut w, &Desired::default());
         assert!(w.maps.maglev.is_empty());
     }
 

@@ -312,7 +312,8 @@ fn desired(services: usize) -> Desired {
                 port_name: String::new(),
                 backends,
                 ..Default::default()
-            },
+            }
+            .into(),
         );
     }
     d

@@ -232,7 +232,8 @@ impl Harness {
                     affinity_timeout_s: s.affinity_timeout_s,
                     algorithm: s.algorithm,
                     drop_when_empty: s.drop_when_empty,
-                },
+                }
+                .into(),
             );
         }
         let stats = self.writer.apply(&desired);
