@@ -15,7 +15,6 @@
 //! to 30 s, with jitter, as client-go), and after it relists, the next plan converges.
 
 use std::{
-    collections::HashMap,
     fmt::Debug,
     path::{Path, PathBuf},
     sync::{
@@ -40,7 +39,10 @@ use thiserror::Error;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{ChangeKind, Changes, ClusterState, NodeState, Source, Store};
+use super::{
+    ChangeKind, Changes, ClusterState, NodeState, Source, Store,
+    keyed::{Keyed, KeyedSet},
+};
 use crate::{
     metrics::{LAST_CHANGE_TRIGGER_TIME_ANNOTATION, parse_trigger_time},
     objects::{Interner, ServiceObject, SliceObject},
@@ -150,7 +152,7 @@ async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubeSourceError> {
 struct KubeSource {
     services: Shared<ServiceObject>,
     slices: Shared<SliceObject>,
-    node: Shared<NodeState>,
+    node: Shared<(String, NodeState)>,
     /// One flag per watch, set when its first list completed.
     ready: [Arc<AtomicBool>; 3],
     node_name: String,
@@ -164,25 +166,21 @@ impl Source for KubeSource {
     fn snapshot(&self) -> ClusterState {
         // The stores hand out shared pointers: no object is copied.
         ClusterState {
-            services: lock(&self.services).values().cloned().collect(),
-            slices: lock(&self.slices).values().cloned().collect(),
+            services: lock(&self.services).iter().cloned().collect(),
+            slices: lock(&self.slices).iter().cloned().collect(),
             // The field selector already names the node; checking again costs nothing and
             // keeps another node's state out should a server ignore the selector.
             node: lock(&self.node)
-                .iter()
-                .find(|((_, name), _)| *name == self.node_name)
-                .map(|(_, n)| (**n).clone()),
+                .get((None, &self.node_name))
+                .map(|n| n.1.clone()),
         }
     }
 }
 
-/// (namespace, name) of a watched object.
-type Key = (Option<String>, String);
-
 /// One kind's compact objects, shared between its watch task and the snapshots.
-type Shared<T> = Arc<Mutex<HashMap<Key, Arc<T>>>>;
+type Shared<T> = Arc<Mutex<KeyedSet<T>>>;
 
-fn lock<T>(shared: &Shared<T>) -> std::sync::MutexGuard<'_, HashMap<Key, Arc<T>>> {
+fn lock<T>(shared: &Shared<T>) -> std::sync::MutexGuard<'_, KeyedSet<T>> {
     // Every update is one map operation or one swap, so a poisoned lock is still whole.
     shared.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -191,38 +189,32 @@ fn lock<T>(shared: &Shared<T>) -> std::sync::MutexGuard<'_, HashMap<Key, Arc<T>>
 struct CompactStore<T> {
     objects: Shared<T>,
     /// The objects of a list in progress; they replace the store whole at its end.
-    listing: Option<HashMap<Key, Arc<T>>>,
+    listing: Option<KeyedSet<T>>,
 }
 
-impl<T> CompactStore<T> {
+impl<T: Keyed> CompactStore<T> {
     fn new() -> Self {
         Self {
-            objects: Arc::default(),
+            objects: Arc::new(Mutex::new(KeyedSet::default())),
             listing: None,
         }
     }
 
-    /// Applies one event, the object already made compact (`None` for the events without one).
+    /// Applies one event, the object already made compact (`None` for the events without
+    /// one). The compact object keeps the API object's namespace and name, its key.
     fn apply<K: Resource>(&mut self, event: &watcher::Event<K>, compact: Option<T>) {
-        let key = |o: &K| -> Key {
-            let meta = o.meta();
-            (
-                meta.namespace.clone(),
-                meta.name.clone().unwrap_or_default(),
-            )
-        };
         match (event, compact) {
-            (watcher::Event::Apply(o), Some(c)) => {
-                lock(&self.objects).insert(key(o), Arc::new(c));
-            }
+            (watcher::Event::Apply(_), Some(c)) => lock(&self.objects).insert(Arc::new(c)),
             (watcher::Event::Delete(o), _) => {
-                lock(&self.objects).remove(&key(o));
+                let meta = o.meta();
+                lock(&self.objects).remove((
+                    meta.namespace.as_deref(),
+                    meta.name.as_deref().unwrap_or_default(),
+                ));
             }
-            (watcher::Event::Init, _) => self.listing = Some(HashMap::new()),
-            (watcher::Event::InitApply(o), Some(c)) => {
-                self.listing
-                    .get_or_insert_default()
-                    .insert(key(o), Arc::new(c));
+            (watcher::Event::Init, _) => self.listing = Some(KeyedSet::default()),
+            (watcher::Event::InitApply(_), Some(c)) => {
+                self.listing.get_or_insert_default().insert(Arc::new(c));
             }
             (watcher::Event::InitDone, _) => {
                 if let Some(listed) = self.listing.take() {
@@ -382,7 +374,7 @@ async fn follow<K>(
 
 /// A watched kind: what is kept of it, and how a change to it is counted.
 trait Watched {
-    type Compact: Send + Sync + 'static;
+    type Compact: Keyed + Send + Sync + 'static;
     const CHANGE: ChangeKind;
     fn compact(&self, interner: &mut Interner) -> Self::Compact;
     /// When the change that caused this version of the object happened, if it says.
@@ -419,10 +411,12 @@ impl Watched for EndpointSlice {
 }
 
 impl Watched for Node {
-    type Compact = NodeState;
+    /// The name, the store's key (a Node has no namespace).
+    type Compact = (String, NodeState);
     const CHANGE: ChangeKind = ChangeKind::Other;
-    fn compact(&self, _: &mut Interner) -> NodeState {
-        NodeState::from_node(self)
+    fn compact(&self, _: &mut Interner) -> (String, NodeState) {
+        let name = self.metadata.name.clone().unwrap_or_default();
+        (name, NodeState::from_node(self))
     }
 }
 
@@ -507,7 +501,7 @@ mod tests {
 
     fn names(store: &CompactStore<ServiceObject>) -> Vec<String> {
         let mut names: Vec<String> = lock(&store.objects)
-            .values()
+            .iter()
             .filter_map(|s| s.name.clone())
             .collect();
         names.sort();
@@ -543,7 +537,7 @@ mod tests {
         assert_eq!(names(&store), ["b", "c"]);
         let ip = |store: &CompactStore<ServiceObject>, name: &str| {
             lock(&store.objects)
-                .get(&(Some("dev".to_owned()), name.to_owned()))
+                .get((Some("dev"), name))
                 .and_then(|s| s.spec.as_ref()?.cluster_ips.first().cloned())
         };
         apply(&mut store, watcher::Event::Apply(svc("c", "10.96.0.9")));

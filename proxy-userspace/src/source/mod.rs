@@ -7,6 +7,7 @@
 //! objects and never decide what to delete: the planner recomputes everything from a snapshot,
 //! so a lost, replayed or out-of-order event cannot leave a stale frontend behind.
 
+mod keyed;
 pub mod kube;
 pub mod manifests;
 
