@@ -2,8 +2,8 @@
 //! (the API server or a manifest directory) describes, until asked to stop.
 //!
 //! Flow: start the source -> load/adopt the datapath -> wait until the source is ready (every
-//! initial list complete) -> loop { wait for a change, let the burst settle for the coalescing
-//! window, snapshot, plan, apply }. Before the first complete list nothing is written, so after
+//! initial list complete) -> loop { wait for a change and for the end of the coalescing window
+//! that began with the last sync, snapshot, plan, apply }. Before the first complete list nothing is written, so after
 //! a restart the adopted pinned maps keep serving exactly what they served; when the source
 //! loses the API server nothing is notified and nothing is written either. SIGINT/SIGTERM
 //! fire the one shutdown signal every task watches; the programs stay attached through their
@@ -101,8 +101,9 @@ pub struct RunOptions {
     pub pin_path: PathBuf,
     pub node_name: String,
     pub sizes: MapSizes,
-    /// How long a change waits for more before it is planned: a rollout touches many
-    /// EndpointSlices within milliseconds, and one plan for all of them is cheaper than one each.
+    /// The shortest time between two syncs: a rollout touches many EndpointSlices within
+    /// milliseconds, and one plan for all of them is cheaper than one each; a lone change after
+    /// a quiet spell is planned at once.
     pub coalesce: Duration,
     /// Where `/metrics` is served (kube-proxy's `--metrics-bind-address`).
     pub metrics_addr: SocketAddr,
@@ -333,6 +334,7 @@ async fn sync_loop(
     }
 
     loop {
+        let synced_at = tokio::time::Instant::now();
         let failed = syncer.once(&mut store, &mut writer);
         let retry = failed.then(|| tokio::time::Instant::now() + RETRY_FAILED_WRITE);
         tokio::select! {
@@ -343,10 +345,12 @@ async fn sync_loop(
             }
             _ = sleep_until(retry) => {}
         }
-        // Batch a burst of changes into one plan.
+        // At most one sync per coalescing window, as kube-proxy's minimum sync period: a
+        // change after a quiet spell is planned at once, and the rest of a burst (a rollout)
+        // waits for the window to end and is planned together.
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(opts.coalesce) => {}
+            _ = tokio::time::sleep_until(synced_at + opts.coalesce) => {}
         }
     }
     stop(store).await
@@ -451,12 +455,17 @@ impl Syncer {
             ]
             .map(|n| n as u64),
         );
-        self.names.update(writer, desired);
-        *self
-            .directory
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) =
-            Directory::of(writer, &self.names, &self.sizes);
+        {
+            let mut published = self
+                .directory
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            // Let go of the published names first, so the update changes them in place
+            // rather than copying all of them (a scrape reading them meanwhile keeps its copy).
+            *published = Directory::default();
+            self.names.update(writer, desired);
+            *published = Directory::of(writer, &self.names, &self.sizes);
+        }
         if stats.failed == 0 {
             // Everything queued before the snapshot is programmed now.
             let now = SystemTime::now();
