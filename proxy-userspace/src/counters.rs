@@ -131,3 +131,115 @@ impl crate::metrics::DatapathReader for CounterReader {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use proxy_common::{
+        backend::Backend4,
+        service::{Frontend4Key, Service4, Slot, SlotKey},
+    };
+
+    use super::*;
+    use crate::{
+        desired::{FrontendState, Protocol, ServiceName},
+        writer::{Snapshot, WriteError, WriterConfig},
+    };
+
+    /// Maps that accept every write: only the writer's bookkeeping matters here.
+    struct Accepting;
+
+    impl MapOps for Accepting {
+        fn put_frontend(&mut self, _: Frontend4Key, _: Service4) -> Result<(), WriteError> {
+            Ok(())
+        }
+        fn del_frontend(&mut self, _: Frontend4Key) -> Result<(), WriteError> {
+            Ok(())
+        }
+        fn put_slot(&mut self, _: SlotKey, _: Slot) -> Result<(), WriteError> {
+            Ok(())
+        }
+        fn del_slot(&mut self, _: SlotKey) -> Result<(), WriteError> {
+            Ok(())
+        }
+        fn put_backend(&mut self, _: u32, _: Backend4) -> Result<(), WriteError> {
+            Ok(())
+        }
+        fn del_backend(&mut self, _: u32) -> Result<(), WriteError> {
+            Ok(())
+        }
+        fn put_maglev(&mut self, _: SlotKey, _: Slot) -> Result<(), WriteError> {
+            Ok(())
+        }
+        fn del_maglev(&mut self, _: SlotKey) -> Result<(), WriteError> {
+            Ok(())
+        }
+        fn reset_svc_stats(&mut self, _: u32) -> Result<(), WriteError> {
+            Ok(())
+        }
+        fn filter_add(&mut self, _: u32, _: i32) -> Result<(), WriteError> {
+            Ok(())
+        }
+        fn snapshot(&mut self) -> Result<Snapshot, WriteError> {
+            Ok(Snapshot::default())
+        }
+        fn reset_filter(&mut self, _: &HashMap<u32, u32>) -> Result<(), WriteError> {
+            Ok(())
+        }
+    }
+
+    fn frontend(last: u8) -> Frontend {
+        Frontend {
+            addr: Ipv4Addr::new(10, 96, 0, last),
+            port: 80,
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    fn desired(names: &[(u8, &str)]) -> Desired {
+        let mut d = Desired::default();
+        for &(last, name) in names {
+            let state = FrontendState {
+                service: ServiceName {
+                    namespace: "dev".into(),
+                    name: name.into(),
+                },
+                ..FrontendState::default()
+            };
+            d.frontends.insert(frontend(last), Arc::new(state));
+        }
+        d
+    }
+
+    fn named(names: &Names) -> Vec<(u32, String)> {
+        names
+            .services
+            .iter()
+            .map(|(id, l)| (*id, l.name.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn names_follow_each_sync_and_a_reused_service_id_takes_its_new_name() {
+        let config = WriterConfig {
+            max_frontends: 16,
+            maglev_table_size: 7,
+        };
+        let mut writer = MapWriter::adopt(Accepting, config).unwrap_or_else(|e| panic!("{e}"));
+        let mut names = Names::default();
+        let first = desired(&[(2, "b"), (3, "a")]);
+        writer.apply(&first);
+        names.update(&writer, &first);
+        assert_eq!(named(&names), [(1, "b".into()), (2, "a".into())]);
+
+        // a goes and c comes in one sync: c (looked at first) gets a's freed id, and keeps
+        // its name when a's is taken off.
+        let second = desired(&[(1, "c"), (2, "b")]);
+        let changed = [frontend(1), frontend(3)].into_iter().collect();
+        writer.apply_changed(&second, &changed);
+        assert_eq!(writer.service_id(&frontend(1)), Some(2));
+        names.update(&writer, &second);
+        assert_eq!(named(&names), [(1, "b".into()), (2, "c".into())]);
+    }
+}

@@ -2421,6 +2421,69 @@ mod tests {
     }
 
     #[test]
+    fn the_cache_hands_a_contested_frontend_on_when_its_owner_goes_and_back() {
+        let aged = |v: Value, t: &str| with(v, json!({ "metadata": { "creationTimestamp": t } }));
+        let old = || arc(aged(web(), "2024-01-01T00:00:00Z"));
+        // A newer Service claims web's ClusterIP as an external IP.
+        let newer = arc(aged(
+            with(
+                svc("api", &["10.96.0.20"], &[("", 80, "")]),
+                json!({ "spec": { "externalIPs": ["10.96.0.10"] } }),
+            ),
+            "2024-02-01T00:00:00Z",
+        ));
+        let contested = Frontend {
+            addr: Ipv4Addr::new(10, 96, 0, 10),
+            port: 80,
+            protocol: Protocol::Tcp,
+        };
+        let node = node_a();
+        let options = PlanOptions::default();
+        let mut cache = PlanCache::default();
+        let mut step = |what: &str, services: &[Arc<ServiceObject>], owner: &str| {
+            let input = PlanInput {
+                services,
+                slices: &[],
+                node: &node,
+                options: &options,
+            };
+            let cached = cache.plan(&input).clone();
+            assert_eq!(cached, plan(&input), "{what}: cached result differs");
+            let held = cached
+                .frontends
+                .get(&contested)
+                .map(|s| s.service.name.clone());
+            assert_eq!(held.as_deref(), Some(owner), "{what}");
+            assert!(
+                cache.take_changed().contains(&contested) || what == "both",
+                "{what}"
+            );
+            (cache.last_planned, show_rejections(&cached))
+        };
+        let (_, rejected) = step("both", &[old(), newer.clone()], "web");
+        assert_eq!(rejected.len(), 1, "{rejected:?}");
+        assert!(
+            rejected[0].contains("older Service dev/web"),
+            "{rejected:?}"
+        );
+
+        let (planned, rejected) = step("owner deleted", &[newer.clone()], "api");
+        assert_eq!(
+            planned, 0,
+            "the newer Service is not planned again, only resolved"
+        );
+        assert_eq!(
+            rejected,
+            Vec::<String>::new(),
+            "its claim no longer conflicts"
+        );
+
+        let (planned, rejected) = step("owner back", &[newer, old()], "web");
+        assert_eq!(planned, 1, "only the returning Service is planned");
+        assert_eq!(rejected.len(), 1, "{rejected:?}");
+    }
+
+    #[test]
     fn port_name_is_recorded_and_unset_protocol_is_tcp() {
         let desired = run(
             &[svc("web", &["10.96.0.10"], &[("http", 80, "")])],
