@@ -2467,7 +2467,7 @@ mod tests {
             "{rejected:?}"
         );
 
-        let (planned, rejected) = step("owner deleted", &[newer.clone()], "api");
+        let (planned, rejected) = step("owner deleted", std::slice::from_ref(&newer), "api");
         assert_eq!(
             planned, 0,
             "the newer Service is not planned again, only resolved"

@@ -192,7 +192,7 @@ struct CompactStore<T> {
     listing: Option<KeyedSet<T>>,
 }
 
-impl<T: Keyed> CompactStore<T> {
+impl<T: Keyed + PartialEq> CompactStore<T> {
     fn new() -> Self {
         Self {
             objects: Arc::new(Mutex::new(KeyedSet::default())),
@@ -204,7 +204,11 @@ impl<T: Keyed> CompactStore<T> {
     /// one). The compact object keeps the API object's namespace and name, its key.
     fn apply<K: Resource>(&mut self, event: &watcher::Event<K>, compact: Option<T>) {
         match (event, compact) {
-            (watcher::Event::Apply(_), Some(c)) => lock(&self.objects).insert(Arc::new(c)),
+            (watcher::Event::Apply(_), Some(c)) => {
+                let mut objects = lock(&self.objects);
+                let c = self.shared(&objects, c);
+                objects.insert(c);
+            }
             (watcher::Event::Delete(o), _) => {
                 let meta = o.meta();
                 lock(&self.objects).remove((
@@ -214,7 +218,8 @@ impl<T: Keyed> CompactStore<T> {
             }
             (watcher::Event::Init, _) => self.listing = Some(KeyedSet::default()),
             (watcher::Event::InitApply(_), Some(c)) => {
-                self.listing.get_or_insert_default().insert(Arc::new(c));
+                let c = self.shared(&lock(&self.objects), c);
+                self.listing.get_or_insert_default().insert(c);
             }
             (watcher::Event::InitDone, _) => {
                 if let Some(listed) = self.listing.take() {
@@ -227,6 +232,16 @@ impl<T: Keyed> CompactStore<T> {
 
     fn len(&self) -> usize {
         lock(&self.objects).len()
+    }
+
+    /// `compact`, shared: the object already stored if it is equal (a change to fields the
+    /// proxy does not read, or an object relisted unchanged), so the planner, which takes an
+    /// unchanged pointer for an unchanged object, does not plan its Service again.
+    fn shared(&self, objects: &KeyedSet<T>, compact: T) -> Arc<T> {
+        match objects.get(compact.key()) {
+            Some(held) if **held == compact => Arc::clone(held),
+            _ => Arc::new(compact),
+        }
     }
 }
 
@@ -374,7 +389,7 @@ async fn follow<K>(
 
 /// A watched kind: what is kept of it, and how a change to it is counted.
 trait Watched {
-    type Compact: Keyed + Send + Sync + 'static;
+    type Compact: Keyed + PartialEq + Send + Sync + 'static;
     const CHANGE: ChangeKind;
     fn compact(&self, interner: &mut Interner) -> Self::Compact;
     /// When the change that caused this version of the object happened, if it says.
@@ -558,5 +573,25 @@ mod tests {
         );
         apply(&mut store, watcher::Event::InitDone);
         assert_eq!(names(&store), ["d"]);
+
+        // An object that comes back equal (relisted, or changed only where the proxy does not
+        // look) keeps its pointer: the planner then knows it has not changed.
+        let held = |store: &CompactStore<ServiceObject>| {
+            lock(&store.objects)
+                .get((Some("dev"), "d"))
+                .cloned()
+                .unwrap_or_else(|| panic!("d is stored"))
+        };
+        let before = held(&store);
+        let mut relabelled = svc("d", "10.96.0.4");
+        relabelled.metadata.resource_version = Some("2".into());
+        apply(&mut store, watcher::Event::Apply(relabelled));
+        assert!(Arc::ptr_eq(&before, &held(&store)), "an unread change");
+        apply(&mut store, watcher::Event::Init);
+        apply(&mut store, watcher::Event::InitApply(svc("d", "10.96.0.4")));
+        apply(&mut store, watcher::Event::InitDone);
+        assert!(Arc::ptr_eq(&before, &held(&store)), "relisted unchanged");
+        apply(&mut store, watcher::Event::Apply(svc("d", "10.96.0.5")));
+        assert!(!Arc::ptr_eq(&before, &held(&store)), "a real change");
     }
 }
