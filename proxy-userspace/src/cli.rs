@@ -118,8 +118,8 @@ pub struct RunArgs {
     /// `KUBECONFIG`, else the in-cluster service account.
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
-    /// How long a change waits for more before the maps are updated, in milliseconds:
-    /// a burst (a rollout) becomes one update.
+    /// The shortest time between two updates of the maps, in milliseconds: a change after a
+    /// quiet spell is written at once, and a burst (a rollout) becomes one update per window.
     #[arg(long, default_value_t = 5)]
     pub coalesce_ms: u64,
     /// Address of the `/metrics` endpoint.

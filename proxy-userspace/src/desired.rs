@@ -2,7 +2,7 @@
 //! writer makes true in the kernel. Plain host types (no map layouts) so the planner stays pure
 //! and testable without a kernel.
 
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
+use std::{collections::BTreeMap, fmt, net::Ipv4Addr, sync::Arc};
 
 /// IP protocols a Service port can declare.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -162,6 +162,7 @@ pub struct Rejection {
 /// The whole desired datapath state.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
-    pub frontends: BTreeMap<Frontend, FrontendState>,
+    /// Each state shared with the planner's cache, which keeps it once.
+    pub frontends: BTreeMap<Frontend, Arc<FrontendState>>,
     pub rejections: Vec<Rejection>,
 }

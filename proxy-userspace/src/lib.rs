@@ -18,6 +18,7 @@ pub mod loader;
 pub mod maglev;
 pub mod manifest;
 pub mod metrics;
+pub mod objects;
 pub mod planner;
 pub mod run;
 pub mod service_health;

@@ -12,20 +12,20 @@
 //! its traffic policy.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet, btree_map::Entry},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet, hash_map::Entry},
     net::{Ipv4Addr, Ipv6Addr},
     sync::Arc,
 };
 
-use k8s_openapi::api::{
-    core::v1::Service,
-    discovery::v1::{Endpoint, EndpointSlice},
-};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use thiserror::Error;
 
-use crate::desired::{
-    AddrKind, Algorithm, Backend, BackendState, Desired, Frontend, FrontendState, Protocol,
-    Rejection, Selection, ServiceName,
+use crate::{
+    desired::{
+        AddrKind, Algorithm, Backend, BackendState, Desired, Frontend, FrontendState, Protocol,
+        Rejection, Selection, ServiceName,
+    },
+    objects::{Address, ServiceObject, SliceEndpoint, SliceObject},
 };
 
 /// Services carrying this label belong to another proxy (any value, unless it equals
@@ -104,8 +104,8 @@ impl std::str::FromStr for Ipv4Cidr {
 #[derive(Clone, Copy, Debug)]
 pub struct PlanInput<'a> {
     /// Shared with the source's store: a sync reads them without copying.
-    pub services: &'a [Arc<Service>],
-    pub slices: &'a [Arc<EndpointSlice>],
+    pub services: &'a [Arc<ServiceObject>],
+    pub slices: &'a [Arc<SliceObject>],
     pub node: &'a NodeInfo,
     pub options: &'a PlanOptions,
 }
@@ -178,18 +178,14 @@ pub enum PlanError {
 /// `sessionAffinityConfig.clientIP.timeoutSeconds`, defaulting to 10800 and held to 1..=86400
 /// as the API validates it. [`Desired`] has no place for it yet; the map writer needs it for
 /// session affinity.
-pub fn client_ip_affinity_timeout(svc: &Service) -> Option<u32> {
+pub fn client_ip_affinity_timeout(svc: &ServiceObject) -> Option<u32> {
     const DEFAULT_SECONDS: u32 = 10_800;
     const MAX_SECONDS: u32 = 86_400;
     let spec = svc.spec.as_ref()?;
     if spec.session_affinity.as_deref() != Some("ClientIP") {
         return None;
     }
-    let configured = spec
-        .session_affinity_config
-        .as_ref()
-        .and_then(|c| c.client_ip.as_ref())
-        .and_then(|c| c.timeout_seconds);
+    let configured = spec.affinity_timeout_s;
     // Out-of-range values cannot pass API validation; a hand-written one gets the default
     // (zero or negative) or the maximum (too large) rather than no affinity.
     Some(
@@ -203,172 +199,473 @@ pub fn client_ip_affinity_timeout(svc: &Service) -> Option<u32> {
 /// Computes the desired datapath state. Never fails: whatever cannot be served is listed in
 /// [`Desired::rejections`] and everything else is planned.
 pub fn plan(input: &PlanInput<'_>) -> Desired {
-    PlanCache::default().plan(input)
+    PlanCache::default().plan(input).clone()
 }
 
-/// [`plan`], remembering each Service's share of the result: a Service whose object and slices
-/// are the very same (shared) objects as last time is not planned again. With 10,000 Services
-/// and one EndpointSlice changed, one Service is planned instead of 10,000. The result always
-/// equals [`plan`]'s (a test checks it across changes).
+/// [`plan`], kept up to date from one input to the next at the cost of what changed: the objects
+/// of a snapshot are shared with the source's store, so an object that is the very same
+/// (pointer-equal) as last time has not changed. Only the Services whose object or slices
+/// changed are planned again, only the frontends they claim are resolved again, and the result
+/// is updated in place: with 10,000 Services and one EndpointSlice changed, one Service is
+/// planned and one frontend rewritten. The result always equals [`plan`]'s (a test checks it
+/// across changes), and [`take_changed`](Self::take_changed) names the frontends that differ.
 #[derive(Default)]
 pub struct PlanCache {
-    /// What every cached entry was planned with; when any differs, everything is replanned.
+    /// What every cached plan was made with; when either differs, everything is replanned.
     node: NodeInfo,
     options: PlanOptions,
-    cluster_ips: HashSet<Ipv4Addr>,
-    entries: HashMap<(String, String), Cached>,
+    /// Every IPv4 ClusterIP, with the number of Services declaring it.
+    cluster_ips: HashMap<Ipv4Addr, u32>,
+    /// Every Service of the last input, by unit id (one per object, in order of first sight).
+    units: HashMap<u64, Unit>,
+    next_unit: u64,
+    /// Unit id by object address (the unit holds the object, so the address stays its own).
+    service_ptrs: HashMap<usize, u64>,
+    /// By (namespace, name): the units (more than one only in hand-written input) and the
+    /// usable slices, sorted by name.
+    by_key: HashMap<ServiceKey, Named>,
+    /// Every slice of the last input by object address.
+    slice_ptrs: HashMap<usize, Arc<SliceObject>>,
+    /// Every claim on a frontend, as (unit, event index): the oldest Service's first claim wins.
+    claims: HashMap<Frontend, Vec<(u64, usize)>>,
+    /// Units with rejections, in planning order, to list them in that order.
+    rejecting: BTreeMap<Order, u64>,
+    desired: Desired,
+    /// Frontends whose state changed (or that went away) since the last take.
+    changed: BTreeSet<Frontend>,
     /// Services planned (not taken from the cache) by the last [`plan`](Self::plan).
     pub last_planned: usize,
 }
 
-struct Cached {
-    service: Arc<Service>,
-    slices: Vec<Arc<EndpointSlice>>,
-    events: Vec<Event>,
+/// (namespace, name) of a Service.
+type ServiceKey = (String, String);
+
+/// Planning order: oldest first, so that when two Services claim one frontend the older keeps
+/// it. A Service without a creation time (hand-written) counts as newest, so it never takes a
+/// frontend from one the API server has admitted; equals go in order of first sight (unit id).
+type Order = (bool, Option<Time>, String, Option<String>, u64);
+
+/// [`Order`], borrowed from the unit.
+type OrderRef<'a> = (bool, Option<&'a Time>, &'a str, Option<&'a str>, u64);
+
+#[derive(Default)]
+struct Named {
+    units: Vec<u64>,
+    slices: Vec<Arc<SliceObject>>,
 }
 
-/// What planning one Service produced, in order; [`replay`] adds it to the shared result,
-/// where Services meet (two claiming one frontend).
+struct Unit {
+    service: Arc<ServiceObject>,
+    events: Vec<Event>,
+    /// This Service's rejections, its own and its lost claims, in event order.
+    rejections: Vec<Rejection>,
+}
+
+/// What planning one Service produced, in order; its frontends are claims, resolved against
+/// the other Services' claims (the only place Services meet).
 #[derive(Clone, Debug)]
 enum Event {
-    Frontend(Frontend, FrontendState),
+    Frontend(Frontend, Arc<FrontendState>),
     Reject(Rejection),
 }
 
+fn ptr<T>(arc: &Arc<T>) -> usize {
+    Arc::as_ptr(arc) as usize
+}
+
+fn service_key(svc: &ServiceObject) -> ServiceKey {
+    (
+        namespace_of(svc.namespace.as_deref()).to_owned(),
+        svc.name.clone().unwrap_or_default(),
+    )
+}
+
+/// The Service a slice belongs to, if the slice is one this datapath uses.
+fn slice_key(slice: &SliceObject) -> Option<ServiceKey> {
+    if slice.headless || &*slice.address_type != "IPv4" {
+        return None;
+    }
+    let service = slice.service_name.as_deref().filter(|s| !s.is_empty())?;
+    Some((
+        namespace_of(slice.namespace.as_deref()).to_owned(),
+        service.to_owned(),
+    ))
+}
+
+impl Unit {
+    fn order(&self, id: u64) -> OrderRef<'_> {
+        let svc = &*self.service;
+        (
+            svc.created.is_none(),
+            svc.created.as_ref(),
+            namespace_of(svc.namespace.as_deref()),
+            svc.name.as_deref(),
+            id,
+        )
+    }
+
+    fn owned_order(&self, id: u64) -> Order {
+        let (none, created, namespace, name, id) = self.order(id);
+        (
+            none,
+            created.cloned(),
+            namespace.to_owned(),
+            name.map(str::to_owned),
+            id,
+        )
+    }
+}
+
 impl PlanCache {
-    pub fn plan(&mut self, input: &PlanInput<'_>) -> Desired {
+    /// The desired state for `input`.
+    pub fn plan(&mut self, input: &PlanInput<'_>) -> &Desired {
         if self.node != *input.node || self.options != *input.options {
-            self.entries.clear();
-            self.node = input.node.clone();
-            self.options = input.options.clone();
+            let changed = std::mem::take(&mut self.changed);
+            let old = std::mem::take(&mut self.desired.frontends);
+            *self = Self {
+                node: input.node.clone(),
+                options: input.options.clone(),
+                ..Self::default()
+            };
+            // Everything is planned afresh; what was there counts as changed until compared.
+            self.changed = changed;
+            self.changed.extend(old.into_keys());
         }
-        // An endpoint may not be a ClusterIP: when ClusterIPs come or go, the Services with an
-        // endpoint at one of those addresses are planned again (and only those).
-        let cluster_ips = all_cluster_ips(input.services);
-        if cluster_ips != self.cluster_ips {
-            let changed: HashSet<Ipv4Addr> = self
-                .cluster_ips
-                .symmetric_difference(&cluster_ips)
+        self.last_planned = 0;
+        let mut dirty: HashSet<ServiceKey> = HashSet::new();
+        let mut ips_changed: HashSet<Ipv4Addr> = HashSet::new();
+        let mut touched: HashSet<Frontend> = HashSet::new();
+        let mut reject_dirty: HashSet<u64> = HashSet::new();
+        let mut rejections_changed = false;
+
+        // Services: new objects become units; objects gone take their units with them.
+        let mut added = Vec::new();
+        for svc in input.services {
+            if !self.service_ptrs.contains_key(&ptr(svc)) {
+                added.push(svc);
+            }
+        }
+        if self.service_ptrs.len() + added.len() != input.services.len() {
+            let present: HashSet<usize> = input.services.iter().map(ptr).collect();
+            let gone: Vec<u64> = self
+                .service_ptrs
+                .iter()
+                .filter(|(p, _)| !present.contains(p))
+                .map(|(_, id)| *id)
+                .collect();
+            for id in gone {
+                self.remove_unit(
+                    id,
+                    &mut dirty,
+                    &mut ips_changed,
+                    &mut touched,
+                    &mut rejections_changed,
+                );
+            }
+        }
+        for svc in added {
+            let id = self.next_unit;
+            self.next_unit += 1;
+            let key = service_key(svc);
+            for ip in cluster_ipv4s_of(svc) {
+                let count = self.cluster_ips.entry(ip).or_default();
+                if *count == 0 {
+                    ips_changed.insert(ip);
+                }
+                *count += 1;
+            }
+            self.service_ptrs.insert(ptr(svc), id);
+            self.by_key.entry(key.clone()).or_default().units.push(id);
+            self.units.insert(
+                id,
+                Unit {
+                    service: Arc::clone(svc),
+                    events: Vec::new(),
+                    rejections: Vec::new(),
+                },
+            );
+            dirty.insert(key);
+        }
+
+        // Slices: each one new or gone dirties its Service.
+        let mut added = Vec::new();
+        for slice in input.slices {
+            if !self.slice_ptrs.contains_key(&ptr(slice)) {
+                added.push(slice);
+            }
+        }
+        if self.slice_ptrs.len() + added.len() != input.slices.len() {
+            let present: HashSet<usize> = input.slices.iter().map(ptr).collect();
+            let gone: Vec<usize> = self
+                .slice_ptrs
+                .keys()
+                .filter(|p| !present.contains(p))
                 .copied()
                 .collect();
-            self.entries
-                .retain(|_, c| !c.slices.iter().any(|s| mentions_any(s, &changed)));
-            self.cluster_ips = cluster_ips;
-        }
-        let slices = slices_by_service(input.slices);
-
-        // Oldest first, so that when two Services claim one frontend the older keeps it.
-        let mut services: Vec<&Arc<Service>> = input.services.iter().collect();
-        services.sort_by_cached_key(|svc| {
-            let meta = &svc.metadata;
-            // A Service without a creation time (hand-written) counts as newest, so it never
-            // takes a frontend from one the API server has admitted.
-            (
-                meta.creation_timestamp.is_none(),
-                meta.creation_timestamp.clone(),
-                namespace_of(meta.namespace.as_deref()).to_owned(),
-                meta.name.clone(),
-            )
-        });
-        let mut out = Desired::default();
-        let mut seen: HashSet<(String, String)> = HashSet::with_capacity(services.len());
-        self.last_planned = 0;
-        let no_slices = Vec::new();
-        for svc in services {
-            let key = (
-                namespace_of(svc.metadata.namespace.as_deref()).to_owned(),
-                svc.metadata.name.clone().unwrap_or_default(),
-            );
-            let own = slices
-                .get(&(key.0.as_str(), key.1.as_str()))
-                .unwrap_or(&no_slices);
-            let hit = self.entries.get(&key).is_some_and(|c| {
-                Arc::ptr_eq(&c.service, svc)
-                    && c.slices.len() == own.len()
-                    && c.slices.iter().zip(own).all(|(a, b)| Arc::ptr_eq(a, *b))
-            });
-            // Two Services of one name (only hand-written input has them) share a key: each
-            // one after the first is planned afresh and not cached.
-            let first = seen.insert(key.clone());
-            if hit && first {
-                if let Some(cached) = self.entries.get(&key) {
-                    replay(&cached.events, &mut out);
+            for p in gone {
+                let Some(slice) = self.slice_ptrs.remove(&p) else {
+                    continue;
+                };
+                if let Some(key) = slice_key(&slice) {
+                    if let Some(named) = self.by_key.get_mut(&key) {
+                        named.slices.retain(|s| !Arc::ptr_eq(s, &slice));
+                        if named.slices.is_empty() && named.units.is_empty() {
+                            self.by_key.remove(&key);
+                        }
+                    }
+                    dirty.insert(key);
                 }
+            }
+        }
+        for slice in added {
+            self.slice_ptrs.insert(ptr(slice), Arc::clone(slice));
+            if let Some(key) = slice_key(slice) {
+                let list = &mut self.by_key.entry(key.clone()).or_default().slices;
+                // After the equally named ones already there: order of first sight.
+                let at = list.partition_point(|s| s.name <= slice.name);
+                list.insert(at, Arc::clone(slice));
+                dirty.insert(key);
+            }
+        }
+
+        // An endpoint may not be a ClusterIP: when ClusterIPs come or go, the Services with an
+        // endpoint at one of those addresses are planned again (and only those).
+        if !ips_changed.is_empty() {
+            for (key, named) in &self.by_key {
+                if named.slices.iter().any(|s| mentions_any(s, &ips_changed)) {
+                    dirty.insert(key.clone());
+                }
+            }
+        }
+
+        for key in &dirty {
+            let ids = self
+                .by_key
+                .get(key)
+                .map(|n| n.units.clone())
+                .unwrap_or_default();
+            for id in ids {
+                self.replan(id, key, &mut touched);
+                reject_dirty.insert(id);
+            }
+        }
+
+        // Resolve each touched frontend: the first claim wins; every claimant's rejections
+        // may change with it.
+        for fe in touched {
+            let winner = self.claims.get(&fe).and_then(|claims| {
+                reject_dirty.extend(claims.iter().map(|(id, _)| *id));
+                self.winner(claims)
+            });
+            let state = winner
+                .and_then(|(id, index)| self.frontend_state(id, index))
+                .cloned();
+            if self.desired.frontends.get(&fe) == state.as_ref() {
                 continue;
             }
-            let mut planner = Planner {
-                node: &self.node,
-                cluster_ips: &self.cluster_ips,
-                events: Vec::new(),
+            self.changed.insert(fe);
+            match state {
+                Some(state) => self.desired.frontends.insert(fe, state),
+                None => self.desired.frontends.remove(&fe),
             };
-            let refs: Vec<&EndpointSlice> = own.iter().map(|s| &***s).collect();
-            planner.service(svc, &self.options, &refs);
-            self.last_planned += 1;
-            replay(&planner.events, &mut out);
-            if first {
-                let cached = Cached {
-                    service: Arc::clone(svc),
-                    slices: own.iter().map(|s| Arc::clone(s)).collect(),
-                    events: planner.events,
-                };
-                self.entries.insert(key, cached);
+        }
+
+        for id in reject_dirty {
+            let Some(rejections) = self.unit_rejections(id) else {
+                continue;
+            };
+            let Some(unit) = self.units.get_mut(&id) else {
+                continue;
+            };
+            if unit.rejections == rejections {
+                continue;
+            }
+            rejections_changed = true;
+            unit.rejections = rejections;
+            if unit.rejections.is_empty() {
+                self.rejecting.remove(&unit.owned_order(id));
+            } else {
+                self.rejecting.insert(unit.owned_order(id), id);
             }
         }
-        // Forget deleted Services.
-        self.entries.retain(|k, _| seen.contains(k));
-        out
+        if rejections_changed {
+            self.desired.rejections = self
+                .rejecting
+                .values()
+                .filter_map(|id| self.units.get(id))
+                .flat_map(|u| u.rejections.iter().cloned())
+                .collect();
+        }
+        &self.desired
+    }
+
+    /// The desired state as of the last [`plan`](Self::plan).
+    pub fn desired(&self) -> &Desired {
+        &self.desired
+    }
+
+    /// The frontends whose desired state changed, or that are no longer desired, since the
+    /// last call: what the map writer has to look at.
+    pub fn take_changed(&mut self) -> BTreeSet<Frontend> {
+        std::mem::take(&mut self.changed)
+    }
+
+    fn remove_unit(
+        &mut self,
+        id: u64,
+        dirty: &mut HashSet<ServiceKey>,
+        ips_changed: &mut HashSet<Ipv4Addr>,
+        touched: &mut HashSet<Frontend>,
+        rejections_changed: &mut bool,
+    ) {
+        let Some(unit) = self.units.remove(&id) else {
+            return;
+        };
+        self.withdraw(id, &unit.events, touched);
+        self.service_ptrs.remove(&ptr(&unit.service));
+        if !unit.rejections.is_empty() {
+            self.rejecting.remove(&unit.owned_order(id));
+            *rejections_changed = true;
+        }
+        for ip in cluster_ipv4s_of(&unit.service) {
+            if let Entry::Occupied(mut count) = self.cluster_ips.entry(ip) {
+                *count.get_mut() -= 1;
+                if *count.get() == 0 {
+                    count.remove();
+                    ips_changed.insert(ip);
+                }
+            }
+        }
+        let key = service_key(&unit.service);
+        if let Some(named) = self.by_key.get_mut(&key) {
+            named.units.retain(|u| *u != id);
+            if named.units.is_empty() && named.slices.is_empty() {
+                self.by_key.remove(&key);
+            }
+        }
+        dirty.insert(key);
+    }
+
+    /// Takes back a unit's claims.
+    fn withdraw(&mut self, id: u64, events: &[Event], touched: &mut HashSet<Frontend>) {
+        for event in events {
+            if let Event::Frontend(fe, _) = event {
+                if let Some(claims) = self.claims.get_mut(fe) {
+                    claims.retain(|(u, _)| *u != id);
+                    if claims.is_empty() {
+                        self.claims.remove(fe);
+                    }
+                }
+                touched.insert(*fe);
+            }
+        }
+    }
+
+    /// Plans one Service again from its object and slices, replacing its claims.
+    fn replan(&mut self, id: u64, key: &ServiceKey, touched: &mut HashSet<Frontend>) {
+        let Some(unit) = self.units.get_mut(&id) else {
+            return;
+        };
+        let old = std::mem::take(&mut unit.events);
+        let service = Arc::clone(&unit.service);
+        self.withdraw(id, &old, touched);
+        let own: Vec<&SliceObject> = self
+            .by_key
+            .get(key)
+            .map(|named| named.slices.iter().map(|s| &**s).collect())
+            .unwrap_or_default();
+        let mut planner = Planner {
+            node: &self.node,
+            cluster_ips: &self.cluster_ips,
+            events: Vec::new(),
+        };
+        planner.service(&service, &self.options, &own);
+        self.last_planned += 1;
+        let events = planner.events;
+        for (index, event) in events.iter().enumerate() {
+            if let Event::Frontend(fe, _) = event {
+                self.claims.entry(*fe).or_default().push((id, index));
+                touched.insert(*fe);
+            }
+        }
+        if let Some(unit) = self.units.get_mut(&id) {
+            unit.events = events;
+        }
+    }
+
+    /// The winning claim: the oldest Service's, and its first among its own.
+    fn winner(&self, claims: &[(u64, usize)]) -> Option<(u64, usize)> {
+        claims
+            .iter()
+            .filter_map(|&(id, index)| Some((self.units.get(&id)?.order(id), index)))
+            .min()
+            .map(|(order, index)| (order.4, index))
+    }
+
+    fn frontend_state(&self, id: u64, index: usize) -> Option<&Arc<FrontendState>> {
+        match self.units.get(&id)?.events.get(index)? {
+            Event::Frontend(_, state) => Some(state),
+            Event::Reject(_) => None,
+        }
+    }
+
+    /// A unit's rejections as the claims stand: its own, then each claim it lost, in order.
+    fn unit_rejections(&self, id: u64) -> Option<Vec<Rejection>> {
+        let unit = self.units.get(&id)?;
+        let mut out = Vec::new();
+        for (index, event) in unit.events.iter().enumerate() {
+            let (frontend, state) = match event {
+                Event::Reject(r) => {
+                    out.push(r.clone());
+                    continue;
+                }
+                Event::Frontend(frontend, state) => (*frontend, state),
+            };
+            let Some((wid, windex)) = self.claims.get(&frontend).and_then(|c| self.winner(c))
+            else {
+                continue;
+            };
+            if (wid, windex) == (id, index) {
+                continue;
+            }
+            let Some(held) = self.frontend_state(wid, windex) else {
+                continue;
+            };
+            let error = if held.service == state.service {
+                PlanError::DuplicateFrontend {
+                    frontend,
+                    first: held.port_name.clone(),
+                    second: state.port_name.clone(),
+                }
+            } else {
+                PlanError::FrontendConflict {
+                    frontend,
+                    owner: held.service.clone(),
+                }
+            };
+            out.push(Rejection {
+                object: format!("Service {}/{}", state.service.namespace, state.service.name),
+                reason: error.to_string(),
+            });
+        }
+        Some(out)
     }
 }
 
 /// Whether an endpoint of `slice` has one of `addrs` as its (first, used) address.
-fn mentions_any(slice: &EndpointSlice, addrs: &HashSet<Ipv4Addr>) -> bool {
-    slice.endpoints.iter().flatten().any(|e| {
-        e.addresses
-            .first()
-            .is_some_and(|a| matches!(parse_ip(a), ParsedIp::V4(ip) if addrs.contains(&ip)))
+fn mentions_any(slice: &SliceObject, addrs: &HashSet<Ipv4Addr>) -> bool {
+    slice.endpoints.iter().any(|e| {
+        e.address
+            .as_ref()
+            .is_some_and(|a| matches!(parse_address(a), ParsedIp::V4(ip) if addrs.contains(&ip)))
     })
-}
-
-/// Adds one Service's events to the result. The only place Services interact: the first to
-/// claim a frontend keeps it.
-fn replay(events: &[Event], out: &mut Desired) {
-    for event in events {
-        let (frontend, state) = match event {
-            Event::Reject(r) => {
-                out.rejections.push(r.clone());
-                continue;
-            }
-            Event::Frontend(frontend, state) => (*frontend, state),
-        };
-        let error = match out.frontends.entry(frontend) {
-            Entry::Vacant(slot) => {
-                slot.insert(state.clone());
-                continue;
-            }
-            Entry::Occupied(held) if held.get().service == state.service => {
-                PlanError::DuplicateFrontend {
-                    frontend,
-                    first: held.get().port_name.clone(),
-                    second: state.port_name.clone(),
-                }
-            }
-            Entry::Occupied(held) => PlanError::FrontendConflict {
-                frontend,
-                owner: held.get().service.clone(),
-            },
-        };
-        out.rejections.push(Rejection {
-            object: format!("Service {}/{}", state.service.namespace, state.service.name),
-            reason: error.to_string(),
-        });
-    }
 }
 
 /// Plans one Service into events.
 struct Planner<'a> {
     node: &'a NodeInfo,
-    /// Every IPv4 ClusterIP of every Service, which no endpoint may be.
-    cluster_ips: &'a HashSet<Ipv4Addr>,
+    /// Every IPv4 ClusterIP of every Service (with its count), which no endpoint may be.
+    cluster_ips: &'a HashMap<Ipv4Addr, u32>,
     events: Vec<Event>,
 }
 
@@ -409,16 +706,21 @@ struct ServicePortSpec {
 }
 
 impl Planner<'_> {
-    fn service(&mut self, svc: &Service, options: &PlanOptions, service_slices: &[&EndpointSlice]) {
-        let namespace = namespace_of(svc.metadata.namespace.as_deref());
-        let Some(name) = svc.metadata.name.as_deref().filter(|n| !n.is_empty()) else {
+    fn service(
+        &mut self,
+        svc: &ServiceObject,
+        options: &PlanOptions,
+        service_slices: &[&SliceObject],
+    ) {
+        let namespace = namespace_of(svc.namespace.as_deref());
+        let Some(name) = svc.name.as_deref().filter(|n| !n.is_empty()) else {
             self.reject_service(namespace, "<unnamed>", PlanError::MissingName);
             return;
         };
         let Some(spec) = svc.spec.as_ref() else {
             return;
         };
-        if let Some(label) = label(&svc.metadata.labels, LABEL_SERVICE_PROXY_NAME)
+        if let Some(label) = svc.service_proxy_name.as_deref()
             && options.service_proxy_name.as_deref() != Some(label)
         {
             return;
@@ -502,13 +804,8 @@ impl Planner<'_> {
     }
 
     /// The Service's backend selection, from svcproxy's annotation.
-    fn algorithm(&mut self, svc: &Service, service: &ServiceName) -> Algorithm {
-        match svc
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(ANNOTATION_LB_ALGORITHM))
-        {
+    fn algorithm(&mut self, svc: &ServiceObject, service: &ServiceName) -> Algorithm {
+        match &svc.lb_algorithm {
             None => Algorithm::Random,
             Some(v) if v == "random" => Algorithm::Random,
             Some(v) if v == "maglev" => Algorithm::Maglev,
@@ -531,7 +828,7 @@ impl Planner<'_> {
     ) {
         self.events.push(Event::Frontend(
             frontend,
-            FrontendState {
+            Arc::new(FrontendState {
                 service: service.clone(),
                 port_name: port_name.to_owned(),
                 backends: backends.to_vec(),
@@ -539,7 +836,7 @@ impl Planner<'_> {
                 algorithm: traits.algorithm,
                 drop_when_empty: traits.drop_when_empty,
                 selection,
-            },
+            }),
         ));
     }
 
@@ -547,25 +844,19 @@ impl Planner<'_> {
     /// bad literals and skipping other families.
     fn external_ipv4s(
         &mut self,
-        svc: &Service,
+        svc: &ServiceObject,
         service: &ServiceName,
         options: &PlanOptions,
     ) -> Vec<(Ipv4Addr, FrontendSource)> {
         let external = svc
             .spec
-            .as_ref()
-            .and_then(|s| s.external_ips.as_deref())
-            .unwrap_or_default()
             .iter()
+            .flat_map(|s| &s.external_ips)
             .map(|v| ("spec.externalIPs", v.as_str(), FrontendSource::ExternalIp));
         // `ipMode: Proxy`: the load balancer proxies to the nodes itself and must receive the
         // traffic, so the VIP must not be intercepted.
         let lb = svc
-            .status
-            .as_ref()
-            .and_then(|s| s.load_balancer.as_ref())
-            .and_then(|lb| lb.ingress.as_deref())
-            .unwrap_or_default()
+            .lb_ingress
             .iter()
             .filter(|i| matches!(i.ip_mode.as_deref(), None | Some("VIP")))
             .filter_map(|i| i.ip.as_deref())
@@ -610,7 +901,7 @@ impl Planner<'_> {
     }
 
     /// The IPv4 ClusterIPs of `svc`, refusing bad literals and skipping other families.
-    fn cluster_ipv4s(&mut self, svc: &Service, service: &ServiceName) -> Vec<Ipv4Addr> {
+    fn cluster_ipv4s(&mut self, svc: &ServiceObject, service: &ServiceName) -> Vec<Ipv4Addr> {
         let mut addrs = Vec::new();
         for value in cluster_ip_strings(svc) {
             let error = match parse_ip(value) {
@@ -641,13 +932,16 @@ impl Planner<'_> {
         addrs
     }
 
-    fn service_ports(&mut self, svc: &Service, service: &ServiceName) -> Vec<ServicePortSpec> {
-        let ports = svc.spec.as_ref().and_then(|s| s.ports.as_deref());
+    fn service_ports(
+        &mut self,
+        svc: &ServiceObject,
+        service: &ServiceName,
+    ) -> Vec<ServicePortSpec> {
         let mut out = Vec::new();
-        for port in ports.unwrap_or_default() {
-            let name = port.name.clone().unwrap_or_default();
+        for port in svc.spec.iter().flat_map(|s| &s.ports) {
+            let name = port.name.as_deref().unwrap_or_default().to_owned();
             let Some(protocol) = Protocol::from_k8s(port.protocol.as_deref()) else {
-                let protocol = port.protocol.clone().unwrap_or_default();
+                let protocol = port.protocol.as_deref().unwrap_or_default().to_owned();
                 self.reject_service(
                     &service.namespace,
                     &service.name,
@@ -675,11 +969,11 @@ impl Planner<'_> {
     }
 
     /// Reads one slice once (not once per Service port), refusing its bad ports and addresses.
-    fn parse_slice<'s>(&mut self, slice: &'s EndpointSlice) -> ParsedSlice<'s> {
-        let namespace = namespace_of(slice.metadata.namespace.as_deref());
-        let name = slice.metadata.name.as_deref().unwrap_or("<unnamed>");
+    fn parse_slice<'s>(&mut self, slice: &'s SliceObject) -> ParsedSlice<'s> {
+        let namespace = namespace_of(slice.namespace.as_deref());
+        let name = slice.name.as_deref().unwrap_or("<unnamed>");
         let mut ports = HashMap::new();
-        for port in slice.ports.iter().flatten() {
+        for port in &slice.ports {
             let Some(protocol) = Protocol::from_k8s(port.protocol.as_deref()) else {
                 // No Service port can have this protocol (they are refused), so nothing joins it.
                 continue;
@@ -708,16 +1002,21 @@ impl Planner<'_> {
             // The first entry of a name and protocol wins, as the API forbids repeats anyway.
             ports.entry((port_name, protocol)).or_insert(number);
         }
-        let mut endpoints = Vec::with_capacity(slice.endpoints.as_ref().map_or(0, Vec::len));
-        for endpoint in slice.endpoints.iter().flatten() {
+        let mut endpoints = Vec::with_capacity(slice.endpoints.len());
+        for endpoint in &slice.endpoints {
             // kube-proxy uses the first address; the API says all addresses are fungible.
-            let Some(value) = endpoint.addresses.first() else {
+            let Some(address) = &endpoint.address else {
                 continue;
             };
-            let error = match parse_ip(value) {
+            // Only addresses kept as text can be malformed.
+            let value = match address {
+                Address::V4(_) => "",
+                Address::Text(text) => &**text,
+            };
+            let error = match parse_address(address) {
                 ParsedIp::V4(addr) => match special_class(addr) {
                     Some(class) => PlanError::HostileEndpoint { addr, class },
-                    None if self.cluster_ips.contains(&addr) => {
+                    None if self.cluster_ips.contains_key(&addr) => {
                         PlanError::EndpointIsClusterIp { addr }
                     }
                     None => {
@@ -758,26 +1057,21 @@ fn namespace_of(namespace: Option<&str>) -> &str {
         .unwrap_or(DEFAULT_NAMESPACE)
 }
 
-fn label<'m>(labels: &'m Option<BTreeMap<String, String>>, key: &str) -> Option<&'m str> {
-    labels.as_ref()?.get(key).map(String::as_str)
-}
-
-fn is_headless(svc: &Service) -> bool {
+fn is_headless(svc: &ServiceObject) -> bool {
     let Some(spec) = svc.spec.as_ref() else {
         return false;
     };
-    spec.cluster_ip.as_deref() == Some("None")
-        || spec.cluster_ips.iter().flatten().any(|ip| ip == "None")
+    spec.cluster_ip.as_deref() == Some("None") || spec.cluster_ips.iter().any(|ip| ip == "None")
 }
 
 /// `spec.clusterIPs`, or the legacy `spec.clusterIP` only when the list is empty (objects written
 /// before dual-stack, or by hand).
-fn cluster_ip_strings(svc: &Service) -> Vec<&str> {
+fn cluster_ip_strings(svc: &ServiceObject) -> Vec<&str> {
     let Some(spec) = svc.spec.as_ref() else {
         return Vec::new();
     };
-    match spec.cluster_ips.as_deref() {
-        Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+    match spec.cluster_ips.as_slice() {
+        ips if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
         _ => spec
             .cluster_ip
             .as_deref()
@@ -787,10 +1081,10 @@ fn cluster_ip_strings(svc: &Service) -> Vec<&str> {
     }
 }
 
-fn all_cluster_ips(services: &[Arc<Service>]) -> HashSet<Ipv4Addr> {
-    services
-        .iter()
-        .flat_map(|s| cluster_ip_strings(s))
+/// The IPv4 ClusterIPs of one Service.
+fn cluster_ipv4s_of(svc: &ServiceObject) -> Vec<Ipv4Addr> {
+    cluster_ip_strings(svc)
+        .into_iter()
         .filter_map(|value| match parse_ip(value) {
             ParsedIp::V4(addr) => Some(addr),
             _ => None,
@@ -798,37 +1092,19 @@ fn all_cluster_ips(services: &[Arc<Service>]) -> HashSet<Ipv4Addr> {
         .collect()
 }
 
-/// EndpointSlices usable by this datapath, by (namespace, Service name), each list sorted by
-/// slice name so the result never depends on input order.
-fn slices_by_service(
-    slices: &[Arc<EndpointSlice>],
-) -> HashMap<(&str, &str), Vec<&Arc<EndpointSlice>>> {
-    let mut by_service: HashMap<_, Vec<&Arc<EndpointSlice>>> = HashMap::new();
-    for slice in slices {
-        let labels = &slice.metadata.labels;
-        if label(labels, LABEL_HEADLESS).is_some() || slice.address_type != "IPv4" {
-            continue;
-        }
-        let Some(service) = label(labels, LABEL_SERVICE_NAME).filter(|s| !s.is_empty()) else {
-            continue;
-        };
-        let namespace = namespace_of(slice.metadata.namespace.as_deref());
-        by_service
-            .entry((namespace, service))
-            .or_default()
-            .push(slice);
-    }
-    for list in by_service.values_mut() {
-        list.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-    }
-    by_service
-}
-
 enum ParsedIp {
     V4(Ipv4Addr),
     V6,
     LeadingZero,
     Invalid,
+}
+
+/// [`parse_ip`] of an address as the source keeps it.
+fn parse_address(address: &Address) -> ParsedIp {
+    match address {
+        Address::V4(addr) => ParsedIp::V4(*addr),
+        Address::Text(text) => parse_ip(text),
+    }
 }
 
 /// Strict parse: IPv4 dotted-quad in decimal only. Anything with a colon is IPv6, including
@@ -892,21 +1168,15 @@ struct ParsedEndpoint<'s> {
 }
 
 impl<'s> ParsedEndpoint<'s> {
-    fn new(addr: Ipv4Addr, endpoint: &'s Endpoint) -> Self {
-        let conditions = endpoint.conditions.as_ref();
+    fn new(addr: Ipv4Addr, endpoint: &'s SliceEndpoint) -> Self {
         // The API's defaults: unset ready/serving mean true, unset terminating means false.
         Self {
             addr,
-            ready: conditions.and_then(|c| c.ready).unwrap_or(true),
-            serving: conditions.and_then(|c| c.serving).unwrap_or(true),
-            terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+            ready: endpoint.ready.unwrap_or(true),
+            serving: endpoint.serving.unwrap_or(true),
+            terminating: endpoint.terminating.unwrap_or(false),
             node_name: endpoint.node_name.as_deref(),
-            zone_hints: endpoint
-                .hints
-                .iter()
-                .flat_map(|h| h.for_zones.iter().flatten())
-                .map(|z| z.name.as_str())
-                .collect(),
+            zone_hints: endpoint.zone_hints.iter().map(|z| &**z).collect(),
         }
     }
 
@@ -962,7 +1232,7 @@ struct TrafficPolicy {
     wants_topology: bool,
 }
 
-fn traffic_policy(svc: &Service, source: FrontendSource) -> TrafficPolicy {
+fn traffic_policy(svc: &ServiceObject, source: FrontendSource) -> TrafficPolicy {
     let spec = svc.spec.as_ref();
     let local = match source {
         FrontendSource::ClusterIp => {
@@ -975,12 +1245,7 @@ fn traffic_policy(svc: &Service, source: FrontendSource) -> TrafficPolicy {
         FrontendSource::ExternalIp | FrontendSource::LoadBalancer => false,
     };
     let distribution = spec.and_then(|s| s.traffic_distribution.as_deref());
-    let annotation = svc
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(ANNOTATION_TOPOLOGY_MODE))
-        .map(String::as_str);
+    let annotation = svc.topology_mode.as_deref();
     TrafficPolicy {
         local,
         wants_topology: matches!(distribution, Some("PreferClose" | "PreferSameZone"))
@@ -1065,6 +1330,7 @@ fn topology_zone<'n>(candidates: &[Candidate<'_, '_>], node: &'n NodeInfo) -> Op
 mod tests {
     use std::time::{Duration, Instant};
 
+    use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
     use serde_json::{Value, json};
 
     use super::*;
@@ -1226,24 +1492,22 @@ mod tests {
         }
     }
 
+    /// A test Service as the sources keep it: the API object, made compact.
+    fn arc(v: Value) -> Arc<ServiceObject> {
+        let svc: Service = serde_json::from_value(v.clone())
+            .unwrap_or_else(|e| panic!("test Service does not deserialize: {e}: {v}"));
+        Arc::new(ServiceObject::from(&svc))
+    }
+
+    fn arc_slice(v: Value) -> Arc<SliceObject> {
+        let slice: EndpointSlice = serde_json::from_value(v.clone())
+            .unwrap_or_else(|e| panic!("test EndpointSlice does not deserialize: {e}: {v}"));
+        Arc::new(SliceObject::from(&slice))
+    }
+
     fn run(services: &[Value], slices: &[Value], node: &NodeInfo) -> Desired {
-        let services: Vec<Arc<Service>> = services
-            .iter()
-            .map(|v| {
-                Arc::new(
-                    serde_json::from_value(v.clone())
-                        .unwrap_or_else(|e| panic!("test Service does not deserialize: {e}: {v}")),
-                )
-            })
-            .collect();
-        let slices: Vec<Arc<EndpointSlice>> = slices
-            .iter()
-            .map(|v| {
-                Arc::new(serde_json::from_value(v.clone()).unwrap_or_else(|e| {
-                    panic!("test EndpointSlice does not deserialize: {e}: {v}")
-                }))
-            })
-            .collect();
+        let services: Vec<Arc<ServiceObject>> = services.iter().cloned().map(arc).collect();
+        let slices: Vec<Arc<SliceObject>> = slices.iter().cloned().map(arc_slice).collect();
         plan(&PlanInput {
             services: &services,
             slices: &slices,
@@ -2069,12 +2333,6 @@ mod tests {
 
     #[test]
     fn the_cache_plans_only_changed_services_and_always_equals_a_fresh_plan() {
-        let arc = |v: Value| -> Arc<Service> {
-            Arc::new(serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}")))
-        };
-        let arc_slice = |v: Value| -> Arc<EndpointSlice> {
-            Arc::new(serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}")))
-        };
         let aged = |v: Value, t: &str| with(v, json!({ "metadata": { "creationTimestamp": t } }));
         let mut services = vec![
             arc(aged(web(), "2024-01-01T00:00:00Z")),
@@ -2099,9 +2357,10 @@ mod tests {
         let mut node = node_a();
         let options = PlanOptions::default();
         let mut cache = PlanCache::default();
+        let mut before = Desired::default();
         let mut step = |what: &str,
-                        services: &[Arc<Service>],
-                        slices: &[Arc<EndpointSlice>],
+                        services: &[Arc<ServiceObject>],
+                        slices: &[Arc<SliceObject>],
                         node: &NodeInfo,
                         want_planned: usize| {
             let input = PlanInput {
@@ -2110,9 +2369,24 @@ mod tests {
                 node,
                 options: &options,
             };
-            let cached = cache.plan(&input);
+            let cached = cache.plan(&input).clone();
             assert_eq!(cached, plan(&input), "{what}: cached result differs");
             assert_eq!(cache.last_planned, want_planned, "{what}: Services planned");
+            // What the writer is told to look at: every frontend that differs, and only
+            // frontends that were or are desired.
+            let changed = cache.take_changed();
+            for fe in before.frontends.keys().chain(cached.frontends.keys()) {
+                if before.frontends.get(fe) != cached.frontends.get(fe) {
+                    assert!(changed.contains(fe), "{what}: {fe} changed unreported");
+                }
+            }
+            for fe in &changed {
+                assert!(
+                    before.frontends.contains_key(fe) || cached.frontends.contains_key(fe),
+                    "{what}: {fe} reported but never desired"
+                );
+            }
+            before = cached;
         };
         step("first", &services, &slices, &node, 3);
         step("nothing changed", &services, &slices, &node, 0);
@@ -2172,6 +2446,69 @@ mod tests {
     }
 
     #[test]
+    fn the_cache_hands_a_contested_frontend_on_when_its_owner_goes_and_back() {
+        let aged = |v: Value, t: &str| with(v, json!({ "metadata": { "creationTimestamp": t } }));
+        let old = || arc(aged(web(), "2024-01-01T00:00:00Z"));
+        // A newer Service claims web's ClusterIP as an external IP.
+        let newer = arc(aged(
+            with(
+                svc("api", &["10.96.0.20"], &[("", 80, "")]),
+                json!({ "spec": { "externalIPs": ["10.96.0.10"] } }),
+            ),
+            "2024-02-01T00:00:00Z",
+        ));
+        let contested = Frontend {
+            addr: Ipv4Addr::new(10, 96, 0, 10),
+            port: 80,
+            protocol: Protocol::Tcp,
+        };
+        let node = node_a();
+        let options = PlanOptions::default();
+        let mut cache = PlanCache::default();
+        let mut step = |what: &str, services: &[Arc<ServiceObject>], owner: &str| {
+            let input = PlanInput {
+                services,
+                slices: &[],
+                node: &node,
+                options: &options,
+            };
+            let cached = cache.plan(&input).clone();
+            assert_eq!(cached, plan(&input), "{what}: cached result differs");
+            let held = cached
+                .frontends
+                .get(&contested)
+                .map(|s| s.service.name.clone());
+            assert_eq!(held.as_deref(), Some(owner), "{what}");
+            assert!(
+                cache.take_changed().contains(&contested) || what == "both",
+                "{what}"
+            );
+            (cache.last_planned, show_rejections(&cached))
+        };
+        let (_, rejected) = step("both", &[old(), newer.clone()], "web");
+        assert_eq!(rejected.len(), 1, "{rejected:?}");
+        assert!(
+            rejected[0].contains("older Service dev/web"),
+            "{rejected:?}"
+        );
+
+        let (planned, rejected) = step("owner deleted", std::slice::from_ref(&newer), "api");
+        assert_eq!(
+            planned, 0,
+            "the newer Service is not planned again, only resolved"
+        );
+        assert_eq!(
+            rejected,
+            Vec::<String>::new(),
+            "its claim no longer conflicts"
+        );
+
+        let (planned, rejected) = step("owner back", &[newer, old()], "web");
+        assert_eq!(planned, 1, "only the returning Service is planned");
+        assert_eq!(rejected.len(), 1, "{rejected:?}");
+    }
+
+    #[test]
     fn port_name_is_recorded_and_unset_protocol_is_tcp() {
         let desired = run(
             &[svc("web", &["10.96.0.10"], &[("http", 80, "")])],
@@ -2205,7 +2542,7 @@ mod tests {
 
     #[test]
     fn service_proxy_name_option_claims_matching_services() {
-        let services: Vec<Arc<Service>> = [
+        let services: Vec<Arc<ServiceObject>> = [
             with(
                 web(),
                 json!({ "metadata": { "labels": { LABEL_SERVICE_PROXY_NAME: "svcproxy" } } }),
@@ -2216,7 +2553,7 @@ mod tests {
             ),
         ]
         .into_iter()
-        .map(|v| Arc::new(serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}"))))
+        .map(arc)
         .collect();
         let desired = plan(&PlanInput {
             services: &services,
@@ -2232,7 +2569,7 @@ mod tests {
 
     #[test]
     fn external_ip_ranges_fence_external_ips_but_not_cluster_or_lb_ips() {
-        let services: Vec<Arc<Service>> = [with(
+        let services: Vec<Arc<ServiceObject>> = [with(
             web(),
             json!({
                 "spec": { "externalIPs": ["203.0.113.5", "192.0.2.1"] },
@@ -2240,7 +2577,7 @@ mod tests {
             }),
         )]
         .into_iter()
-        .map(|v| Arc::new(serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}"))))
+        .map(arc)
         .collect();
         let plan_with = |ranges: Option<Vec<Ipv4Cidr>>| {
             plan(&PlanInput {
@@ -2323,7 +2660,11 @@ mod tests {
         for (what, spec, want) in cases {
             let service: Service = serde_json::from_value(with(web(), json!({ "spec": spec })))
                 .unwrap_or_else(|e| panic!("{what}: {e}"));
-            assert_eq!(client_ip_affinity_timeout(&service), want, "{what}");
+            assert_eq!(
+                client_ip_affinity_timeout(&ServiceObject::from(&service)),
+                want,
+                "{what}"
+            );
         }
     }
 
@@ -2354,16 +2695,16 @@ mod tests {
             .map(|(n, p)| (n.as_str(), Some(*p + 10_000), "TCP"))
             .collect();
         let eps: Vec<Ep> = (1..=20).map(|i| ep(&format!("10.1.0.{i}"))).collect();
-        let services: Vec<Arc<Service>> = [svc("big", &["10.96.0.10"], &svc_ports)]
+        let services: Vec<Arc<ServiceObject>> = [svc("big", &["10.96.0.10"], &svc_ports)]
             .into_iter()
-            .map(|v| Arc::new(serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}"))))
+            .map(arc)
             .collect();
-        let slices: Vec<Arc<EndpointSlice>> = [
+        let slices: Vec<Arc<SliceObject>> = [
             slice("big-1", "big", &slice_ports, &eps[..10]),
             slice("big-2", "big", &slice_ports, &eps[10..]),
         ]
         .into_iter()
-        .map(|v| Arc::new(serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}"))))
+        .map(arc_slice)
         .collect();
 
         let start = Instant::now();
@@ -2388,7 +2729,7 @@ mod tests {
     fn selection_records_why_the_backends_are_what_they_are() {
         let selection = |services: &[Value], slices: &[Value]| {
             let d = run(services, slices, &node_a());
-            let states: Vec<&FrontendState> = d.frontends.values().collect();
+            let states: Vec<&FrontendState> = d.frontends.values().map(|s| &**s).collect();
             match states.as_slice() {
                 [one] => one.selection.clone(),
                 other => panic!("want one frontend, got {}", other.len()),

@@ -2,8 +2,8 @@
 //! (the API server or a manifest directory) describes, until asked to stop.
 //!
 //! Flow: start the source -> load/adopt the datapath -> wait until the source is ready (every
-//! initial list complete) -> loop { wait for a change, let the burst settle for the coalescing
-//! window, snapshot, plan, apply }. Before the first complete list nothing is written, so after
+//! initial list complete) -> loop { wait for a change and for the end of the coalescing window
+//! that began with the last sync, snapshot, plan, apply }. Before the first complete list nothing is written, so after
 //! a restart the adopted pinned maps keep serving exactly what they served; when the source
 //! loses the API server nothing is notified and nothing is written either. SIGINT/SIGTERM
 //! fire the one shutdown signal every task watches; the programs stay attached through their
@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     caps::{self, CapError},
-    counters::{CounterReader, Directory, SharedDirectory},
+    counters::{CounterReader, Directory, Names, SharedDirectory},
     health::{self, HealthState},
     iface,
     kernel_maps::{KernelMaps, OpenError, StatsReader},
@@ -101,8 +101,9 @@ pub struct RunOptions {
     pub pin_path: PathBuf,
     pub node_name: String,
     pub sizes: MapSizes,
-    /// How long a change waits for more before it is planned: a rollout touches many
-    /// EndpointSlices within milliseconds, and one plan for all of them is cheaper than one each.
+    /// The shortest time between two syncs: a rollout touches many EndpointSlices within
+    /// milliseconds, and one plan for all of them is cheaper than one each; a lone change after
+    /// a quiet spell is planned at once.
     pub coalesce: Duration,
     /// Where `/metrics` is served (kube-proxy's `--metrics-bind-address`).
     pub metrics_addr: SocketAddr,
@@ -240,6 +241,8 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         metrics,
         health,
         directory,
+        names: Names::default(),
+        applied_once: false,
         totals: ChangeTotals::default(),
     };
     let result = sync_loop(
@@ -369,6 +372,7 @@ async fn sync_loop(
     }
 
     loop {
+        let synced_at = tokio::time::Instant::now();
         let failed = syncer.once(&mut store, &mut writer);
         let retry = failed.then(|| tokio::time::Instant::now() + RETRY_FAILED_WRITE);
         // Interface changes are handled here and need no plan: the maps are shared by every
@@ -385,10 +389,12 @@ async fn sync_loop(
             syncer.health.queued(SystemTime::now());
             syncer.count_changes(&store);
         }
-        // Batch a burst of changes into one plan.
+        // At most one sync per coalescing window, as kube-proxy's minimum sync period: a
+        // change after a quiet spell is planned at once, and the rest of a burst (a rollout)
+        // waits for the window to end and is planned together.
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(opts.coalesce) => {}
+            _ = tokio::time::sleep_until(synced_at + opts.coalesce) => {}
         }
     }
     stop(store).await
@@ -422,6 +428,10 @@ struct Syncer {
     sizes: MapSizes,
     /// Names per service id for the counters, replaced after every sync.
     directory: SharedDirectory,
+    /// The names behind the directory, updated frontend by frontend.
+    names: Names,
+    /// Whether the writer has applied a whole desired state yet.
+    applied_once: bool,
     /// Change totals already added to the metrics' counters.
     totals: ChangeTotals,
 }
@@ -451,12 +461,16 @@ impl Syncer {
         }
         let node = state.node_info(&self.node_name);
         let snapshot_done = Instant::now();
-        let desired = self.planner.plan(&PlanInput {
+        self.planner.plan(&PlanInput {
             services: &state.services,
             slices: &state.slices,
             node: &node,
             options: &self.plan_options,
         });
+        let changed = self.planner.take_changed();
+        // The snapshot's pointers are no longer needed: the planner holds what it keeps.
+        drop(state);
+        let desired = self.planner.desired();
         let rejections: HashSet<String> = desired
             .rejections
             .iter()
@@ -467,7 +481,14 @@ impl Syncer {
         }
         self.reported = rejections;
         let plan_done = Instant::now();
-        let stats = writer.apply(&desired);
+        // The first apply looks at everything: the adopted maps may hold frontends the planner
+        // never produced. After that, only what the planner says changed (and failed writes).
+        let stats = if self.applied_once {
+            writer.apply_changed(desired, &changed)
+        } else {
+            self.applied_once = true;
+            writer.apply(desired)
+        };
         let apply_done = Instant::now();
         self.metrics.observe_sync_frontends(
             [
@@ -478,11 +499,17 @@ impl Syncer {
             ]
             .map(|n| n as u64),
         );
-        *self
-            .directory
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) =
-            Directory::of(writer, &desired, &self.sizes);
+        {
+            let mut published = self
+                .directory
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            // Let go of the published names first, so the update changes them in place
+            // rather than copying all of them (a scrape reading them meanwhile keeps its copy).
+            *published = Directory::default();
+            self.names.update(writer, desired);
+            *published = Directory::of(writer, &self.names, &self.sizes);
+        }
         if stats.failed == 0 {
             // Everything queued before the snapshot is programmed now.
             let now = SystemTime::now();
@@ -497,12 +524,13 @@ impl Syncer {
         } else {
             store.restore_pending(changes);
         }
+        let frontends = desired.frontends.len();
         self.count_changes(store);
         if stats.frontends_written + stats.frontends_removed + stats.failed == 0 {
-            tracing::debug!(frontends = desired.frontends.len(), "no change");
+            tracing::debug!(frontends, "no change");
         } else {
             tracing::info!(
-                frontends = desired.frontends.len(),
+                frontends,
                 written = stats.frontends_written,
                 removed = stats.frontends_removed,
                 failed = stats.failed,

@@ -151,10 +151,11 @@ pub struct MapWriter<M> {
     /// Reply-filter decrements that failed after their backend was deleted, by filter slot:
     /// retried first thing on the next apply (until then the count is merely too high).
     filter_debt: BTreeMap<u32, i32>,
-    /// The desired state each frontend was last written with, completely and successfully: an
-    /// equal state needs no diff. With 10,000 Services and one changed, this is what keeps an
-    /// apply from re-examining the other 9,999.
-    applied: HashMap<Frontend, FrontendState>,
+    /// Frontends whose last write or removal failed: every apply looks at them again, whatever
+    /// it is told changed.
+    retry: BTreeSet<Frontend>,
+    /// The frontends the last apply looked at.
+    looked_at: BTreeSet<Frontend>,
 }
 
 fn to_key(fe: &Frontend) -> Frontend4Key {
@@ -332,7 +333,8 @@ impl<M: MapOps> MapWriter<M> {
             next_revision,
             config,
             filter_debt: BTreeMap::new(),
-            applied: HashMap::new(),
+            retry: BTreeSet::new(),
+            looked_at: BTreeSet::new(),
         })
     }
 
@@ -349,6 +351,16 @@ impl<M: MapOps> MapWriter<M> {
             .map(|(fe, w)| (fe, w.svc_id))
     }
 
+    /// The service id of `fe`, if its entry is in the map.
+    pub fn service_id(&self, fe: &Frontend) -> Option<u32> {
+        self.written.get(fe).filter(|w| w.in_map).map(|w| w.svc_id)
+    }
+
+    /// The frontends the last apply looked at: only these can have changed.
+    pub fn looked_at(&self) -> &BTreeSet<Frontend> {
+        &self.looked_at
+    }
+
     /// Entries the writer keeps in each map it owns. Counted from its own bookkeeping, which
     /// equals the maps' contents after a successful apply: counting in the kernel would take a
     /// syscall per entry.
@@ -363,55 +375,60 @@ impl<M: MapOps> MapWriter<M> {
         usage
     }
 
-    /// Makes the maps hold `desired`. A frontend whose write fails is left consistent (its old
-    /// or new state, never a mix a packet could trip over), counted in `failed`, and retried on
-    /// the next apply.
+    /// Makes the maps hold `desired`, looking at every frontend (the first sync, and after
+    /// adopting pinned maps). A frontend whose write fails is left consistent (its old or new
+    /// state, never a mix a packet could trip over), counted in `failed`, and retried on the
+    /// next apply.
     pub fn apply(&mut self, desired: &Desired) -> ApplyStats {
+        let all: BTreeSet<Frontend> = self
+            .written
+            .keys()
+            .chain(desired.frontends.keys())
+            .copied()
+            .collect();
+        self.apply_changed(desired, &all)
+    }
+
+    /// [`apply`](Self::apply) when only the frontends in `changed` (and those whose last
+    /// write failed) can differ from what was last applied: with 10,000 Services and one
+    /// changed, the other 9,999 are not looked at. `unchanged` counts only what was looked at.
+    pub fn apply_changed(&mut self, desired: &Desired, changed: &BTreeSet<Frontend>) -> ApplyStats {
         let mut stats = ApplyStats::default();
         if let Err(e) = self.settle_filter_debt() {
             tracing::error!("settling reply filter counts failed: {e}");
             stats.failed += 1;
         }
-        let gone: Vec<Frontend> = self
-            .written
-            .keys()
-            .filter(|fe| !desired.frontends.contains_key(fe))
-            .copied()
-            .collect();
+        let retry = std::mem::take(&mut self.retry);
+        self.looked_at = changed.union(&retry).copied().collect();
+        let (gone, wanted): (Vec<Frontend>, Vec<Frontend>) = self
+            .looked_at
+            .iter()
+            .partition(|fe| !desired.frontends.contains_key(*fe));
         // Removals first, so a full map gets room before additions.
         for fe in gone {
-            self.applied.remove(&fe);
+            if !self.written.contains_key(&fe) {
+                continue;
+            }
             match self.remove_frontend(&fe) {
                 Ok(()) => stats.frontends_removed += 1,
                 Err(e) => {
                     tracing::error!(%fe, "removing frontend failed: {e}");
                     stats.failed += 1;
+                    self.retry.insert(fe);
                 }
             }
         }
-        for (fe, state) in &desired.frontends {
-            // A frontend whose revision must still change once more is never skipped.
-            if self.applied.get(fe) == Some(state)
-                && self.written.get(fe).is_some_and(|w| !w.stale_revision)
-            {
-                stats.frontends_unchanged += 1;
+        for fe in wanted {
+            let Some(state) = desired.frontends.get(&fe) else {
                 continue;
-            }
-            // Whatever happens next, the last complete write no longer describes the maps
-            // until this one completes.
-            self.applied.remove(fe);
-            match self.write_frontend(fe, state) {
-                Ok(written) => {
-                    self.applied.insert(*fe, state.clone());
-                    if written {
-                        stats.frontends_written += 1;
-                    } else {
-                        stats.frontends_unchanged += 1;
-                    }
-                }
+            };
+            match self.write_frontend(&fe, state) {
+                Ok(true) => stats.frontends_written += 1,
+                Ok(false) => stats.frontends_unchanged += 1,
                 Err(e) => {
                     tracing::error!(%fe, service = %state.service, "writing frontend failed: {e}");
                     stats.failed += 1;
+                    self.retry.insert(fe);
                 }
             }
         }
@@ -730,6 +747,7 @@ mod tests {
         collections::{BTreeSet, HashMap},
         fmt,
         ops::Range,
+        sync::Arc,
     };
 
     use proxy_common::{
@@ -1295,9 +1313,14 @@ mod tests {
         }
     }
 
-    fn desired(frontends: impl IntoIterator<Item = (Frontend, FrontendState)>) -> Desired {
+    fn desired<S: Into<Arc<FrontendState>>>(
+        frontends: impl IntoIterator<Item = (Frontend, S)>,
+    ) -> Desired {
         Desired {
-            frontends: frontends.into_iter().collect(),
+            frontends: frontends
+                .into_iter()
+                .map(|(fe, state)| (fe, state.into()))
+                .collect(),
             rejections: Vec::new(),
         }
     }
@@ -1902,10 +1925,8 @@ mod tests {
         let mut w = adopt(maps);
         let mut more = d.clone();
         more.frontends
-            .insert(api(), service("api", &[active("10.244.2.1", 8443)]));
-        more.frontends
-            .get_mut(&web())
-            .expect("web desired")
+            .insert(api(), service("api", &[active("10.244.2.1", 8443)]).into());
+        Arc::make_mut(more.frontends.get_mut(&web()).expect("web desired"))
             .backends
             .push(active("10.244.1.9", 8080));
         apply_ok(&mut w, &more);
@@ -2094,7 +2115,7 @@ mod tests {
         let changed = fe(4242);
         let mut moved = backends(4242);
         moved[9].addr = Ipv4Addr::from(0x0A80_0000 + 4242 * 16 + 15);
-        d.frontends.get_mut(&changed).expect("desired").backends = moved.clone();
+        Arc::make_mut(d.frontends.get_mut(&changed).expect("desired")).backends = moved.clone();
         let stats = apply_ok(&mut w, &d);
         let want = ApplyStats {
             frontends_written: 1,
@@ -2173,7 +2194,7 @@ mod tests {
         );
         assert_eq!(w.maps.maglev.len(), TEST_CONFIG.maglev_table_size as usize);
         // Removing the frontend removes its table.
-        apply_ok(&mut w, &desired([]));
+        apply_ok(&mut w, &Desired::default());
         assert!(w.maps.maglev.is_empty());
     }
 

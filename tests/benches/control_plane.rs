@@ -11,7 +11,8 @@
 //! - **change latency**: one EndpointSlice changed in the stand-in -> the Service's frontend
 //!   entry in the pinned map shows the new revision (the writer bumps it after the new backend
 //!   set is in place), polled every 50 us by this process; p50/p99 over >= 200 changes, one at
-//!   a time. Includes the watch delivery and svcproxy's coalescing window (5 ms default).
+//!   a time. Includes the watch delivery; the changes are far enough apart that svcproxy's
+//!   coalescing window (at most one sync per 5 ms by default) does not hold them back.
 //! - **RSS**: svcproxy's resident set (VmRSS) after the changes, and its peak (VmHWM).
 //! - **map memory**: `bytes_memlock` of every pinned map, as `bpftool map show` reports it.
 //!

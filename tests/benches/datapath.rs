@@ -311,7 +311,8 @@ fn desired(services: usize) -> Desired {
                 port_name: String::new(),
                 backends,
                 ..Default::default()
-            },
+            }
+            .into(),
         );
     }
     d

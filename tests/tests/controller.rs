@@ -776,7 +776,7 @@ async fn kube_source_lists_selects_and_notifies() {
         state
             .services
             .iter()
-            .filter_map(|s| s.metadata.name.clone())
+            .filter_map(|s| s.name.clone())
             .collect()
     };
 

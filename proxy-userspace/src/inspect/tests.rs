@@ -67,13 +67,18 @@ fn state(ns: &str, name: &str, backends: Vec<Backend>) -> FrontendState {
     }
 }
 
+fn put(d: &mut Desired, fe: Frontend, state: FrontendState) {
+    d.frontends.insert(fe, state.into());
+}
+
 /// `dev/web` (random, two active backends and a terminating one), `dev/hash` (Maglev over
 /// three), `dev/sticky` (affinity), `dev/empty` (no endpoints: reject), `dev/local` (none on
 /// this node: drop).
 fn cluster() -> Desired {
     use BackendState::{Active, Terminating};
     let mut d = Desired::default();
-    d.frontends.insert(
+    put(
+        &mut d,
         frontend("10.96.0.10", 80),
         state(
             "dev",
@@ -85,7 +90,8 @@ fn cluster() -> Desired {
             ],
         ),
     );
-    d.frontends.insert(
+    put(
+        &mut d,
         frontend("10.96.0.11", 80),
         FrontendState {
             algorithm: Algorithm::Maglev,
@@ -100,7 +106,8 @@ fn cluster() -> Desired {
             )
         },
     );
-    d.frontends.insert(
+    put(
+        &mut d,
         frontend("10.96.0.12", 80),
         FrontendState {
             affinity_timeout_s: Some(60),
@@ -111,9 +118,13 @@ fn cluster() -> Desired {
             )
         },
     );
-    d.frontends
-        .insert(frontend("10.96.0.13", 80), state("dev", "empty", vec![]));
-    d.frontends.insert(
+    put(
+        &mut d,
+        frontend("10.96.0.13", 80),
+        state("dev", "empty", vec![]),
+    );
+    put(
+        &mut d,
         frontend("10.96.0.14", 80),
         FrontendState {
             drop_when_empty: true,

@@ -1,5 +1,10 @@
-//! The API-server source: watches Services, EndpointSlices and this node's Node into reflector
+//! The API-server source: watches Services, EndpointSlices and this node's Node into compact
 //! stores, and notifies on every change.
+//!
+//! Each object is turned into what the proxy reads of it ([`crate::objects`], [`NodeState`]) as
+//! it arrives; the API object itself is dropped at once. The stores follow kube's reflector
+//! rules otherwise: a relist replaces a store whole only when its list is complete, so objects
+//! are never deleted before the full list says they are gone.
 //!
 //! The selectors are kube-proxy's, so both proxies see the same objects: Services without the
 //! `service.kubernetes.io/headless` and `service.kubernetes.io/service-proxy-name` labels,
@@ -13,7 +18,7 @@ use std::{
     fmt::Debug,
     path::{Path, PathBuf},
     sync::{
-        Arc,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant, SystemTime},
@@ -27,19 +32,21 @@ use k8s_openapi::api::{
 use kube::{
     Api, Client, Config, Resource,
     config::{KubeConfigOptions, Kubeconfig},
-    runtime::{
-        WatchStreamExt as _,
-        reflector::{self, Store as Reader},
-        watcher,
-    },
+    runtime::{WatchStreamExt as _, watcher},
 };
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{ChangeKind, Changes, ClusterState, NodeState, Source, Store};
-use crate::metrics::{LAST_CHANGE_TRIGGER_TIME_ANNOTATION, parse_trigger_time};
+use super::{
+    ChangeKind, Changes, ClusterState, NodeState, Source, Store,
+    keyed::{Keyed, KeyedSet},
+};
+use crate::{
+    metrics::{LAST_CHANGE_TRIGGER_TIME_ANNOTATION, parse_trigger_time},
+    objects::{Interner, ServiceObject, SliceObject},
+};
 
 /// kube-proxy's Service selector: headless Services have no virtual IP, and Services labelled
 /// with a service-proxy name belong to another proxy.
@@ -47,8 +54,6 @@ pub const SERVICE_SELECTOR: &str =
     "!service.kubernetes.io/headless,!service.kubernetes.io/service-proxy-name";
 /// kube-proxy's EndpointSlice selector: slices of headless Services.
 pub const SLICE_SELECTOR: &str = "!service.kubernetes.io/headless";
-/// The annotation `kubectl apply` keeps a whole copy of the object in; nothing here reads it.
-const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 /// While a watch keeps failing, how often its error is logged again.
 const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -91,21 +96,21 @@ pub async fn start(
 ) -> Result<Store, KubeSourceError> {
     let client = client(opts.kubeconfig.as_deref()).await?;
     let changes = Changes::new();
-    let services: Watch<Service> = watch(
+    let services = watch::<Service>(
         "Services",
         Api::all(client.clone()),
         watcher::Config::default().labels(SERVICE_SELECTOR),
         &changes,
         &shutdown,
     );
-    let slices: Watch<EndpointSlice> = watch(
+    let slices = watch::<EndpointSlice>(
         "EndpointSlices",
         Api::all(client.clone()),
         watcher::Config::default().labels(SLICE_SELECTOR),
         &changes,
         &shutdown,
     );
-    let node: Watch<Node> = watch(
+    let node = watch::<Node>(
         "Node",
         Api::all(client),
         watcher::Config::default().fields(&format!("metadata.name={}", opts.node_name)),
@@ -145,9 +150,9 @@ async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubeSourceError> {
 }
 
 struct KubeSource {
-    services: Reader<Service>,
-    slices: Reader<EndpointSlice>,
-    node: Reader<Node>,
+    services: Shared<ServiceObject>,
+    slices: Shared<SliceObject>,
+    node: Shared<(String, NodeState)>,
     /// One flag per watch, set when its first list completed.
     ready: [Arc<AtomicBool>; 3],
     node_name: String,
@@ -161,21 +166,88 @@ impl Source for KubeSource {
     fn snapshot(&self) -> ClusterState {
         // The stores hand out shared pointers: no object is copied.
         ClusterState {
-            services: self.services.state(),
-            slices: self.slices.state(),
+            services: lock(&self.services).iter().cloned().collect(),
+            slices: lock(&self.slices).iter().cloned().collect(),
             // The field selector already names the node; checking again costs nothing and
             // keeps another node's state out should a server ignore the selector.
-            node: self
-                .node
-                .find(|n| n.metadata.name.as_deref() == Some(&self.node_name))
-                .map(|n| NodeState::from_node(&n)),
+            node: lock(&self.node)
+                .get((None, &self.node_name))
+                .map(|n| n.1.clone()),
+        }
+    }
+}
+
+/// One kind's compact objects, shared between its watch task and the snapshots.
+type Shared<T> = Arc<Mutex<KeyedSet<T>>>;
+
+fn lock<T>(shared: &Shared<T>) -> std::sync::MutexGuard<'_, KeyedSet<T>> {
+    // Every update is one map operation or one swap, so a poisoned lock is still whole.
+    shared.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The writing side of one kind's store: applies watch events as kube's reflector does.
+struct CompactStore<T> {
+    objects: Shared<T>,
+    /// The objects of a list in progress; they replace the store whole at its end.
+    listing: Option<KeyedSet<T>>,
+}
+
+impl<T: Keyed + PartialEq> CompactStore<T> {
+    fn new() -> Self {
+        Self {
+            objects: Arc::new(Mutex::new(KeyedSet::default())),
+            listing: None,
+        }
+    }
+
+    /// Applies one event, the object already made compact (`None` for the events without
+    /// one). The compact object keeps the API object's namespace and name, its key.
+    fn apply<K: Resource>(&mut self, event: &watcher::Event<K>, compact: Option<T>) {
+        match (event, compact) {
+            (watcher::Event::Apply(_), Some(c)) => {
+                let mut objects = lock(&self.objects);
+                let c = self.shared(&objects, c);
+                objects.insert(c);
+            }
+            (watcher::Event::Delete(o), _) => {
+                let meta = o.meta();
+                lock(&self.objects).remove((
+                    meta.namespace.as_deref(),
+                    meta.name.as_deref().unwrap_or_default(),
+                ));
+            }
+            (watcher::Event::Init, _) => self.listing = Some(KeyedSet::default()),
+            (watcher::Event::InitApply(_), Some(c)) => {
+                let c = self.shared(&lock(&self.objects), c);
+                self.listing.get_or_insert_default().insert(c);
+            }
+            (watcher::Event::InitDone, _) => {
+                if let Some(listed) = self.listing.take() {
+                    *lock(&self.objects) = listed;
+                }
+            }
+            (watcher::Event::Apply(_) | watcher::Event::InitApply(_), None) => {}
+        }
+    }
+
+    fn len(&self) -> usize {
+        lock(&self.objects).len()
+    }
+
+    /// `compact`, shared: the object already stored if it is equal (a change to fields the
+    /// proxy does not read, or an object relisted unchanged), so the planner, which takes an
+    /// unchanged pointer for an unchanged object, does not plan its Service again.
+    fn shared(&self, objects: &KeyedSet<T>, compact: T) -> Arc<T> {
+        match objects.get(compact.key()) {
+            Some(held) if **held == compact => Arc::clone(held),
+            _ => Arc::new(compact),
         }
     }
 }
 
 /// One watched kind: the store's reading side, whether its first list completed, its task.
-struct Watch<K: Resource<DynamicType = ()> + 'static> {
-    reader: Reader<K>,
+struct Watch<T> {
+    reader: Shared<T>,
     ready: Arc<AtomicBool>,
     task: JoinHandle<()>,
 }
@@ -186,17 +258,25 @@ fn watch<K>(
     config: watcher::Config,
     changes: &Changes,
     shutdown: &CancellationToken,
-) -> Watch<K>
+) -> Watch<K::Compact>
 where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + Trim + 'static,
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + Debug
+        + Send
+        + Sync
+        + Watched
+        + 'static,
 {
-    let (reader, writer) = reflector::store();
+    let store = CompactStore::new();
+    let reader = store.objects.clone();
     let ready = Arc::new(AtomicBool::new(false));
     let task = tokio::spawn(follow(
         kind,
         api,
         config,
-        writer,
+        store,
         ready.clone(),
         changes.clone(),
         shutdown.clone(),
@@ -208,20 +288,28 @@ where
     }
 }
 
-/// Runs one watch into `writer` until `shutdown`, notifying `changes` whenever the store
+/// Runs one watch into `store` until `shutdown`, notifying `changes` whenever the store
 /// changed.
 async fn follow<K>(
     kind: &'static str,
     api: Api<K>,
     config: watcher::Config,
-    mut writer: reflector::store::Writer<K>,
+    mut store: CompactStore<K::Compact>,
     ready: Arc<AtomicBool>,
     changes: Changes,
     shutdown: CancellationToken,
 ) where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + Trim + 'static,
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + Debug
+        + Send
+        + Sync
+        + Watched
+        + 'static,
 {
     let mut errors = ErrorLog::new(ERROR_LOG_INTERVAL);
+    let mut interner = Interner::default();
     // The trigger times of a list in progress.
     let mut listed: Vec<Option<SystemTime>> = Vec::new();
     // The backoff never gives up, so the stream never ends; should it anyway, a fresh one
@@ -229,7 +317,6 @@ async fn follow<K>(
     loop {
         let mut stream = watcher(api.clone(), config.clone())
             .default_backoff()
-            .modify(Trim::trim)
             .boxed();
         loop {
             let item = tokio::select! {
@@ -263,7 +350,13 @@ async fn follow<K>(
                     "watch delivering again"
                 );
             }
-            writer.apply_watcher_event(&event);
+            let compact = match &event {
+                watcher::Event::Apply(o) | watcher::Event::InitApply(o) => {
+                    Some(o.compact(&mut interner))
+                }
+                _ => None,
+            };
+            store.apply(&event, compact);
             match event {
                 watcher::Event::Apply(o) | watcher::Event::Delete(o) => {
                     changes.record(K::CHANGE, o.trigger_time());
@@ -275,11 +368,7 @@ async fn follow<K>(
                         changes.count(K::CHANGE, trigger);
                     }
                     if !ready.swap(true, Ordering::AcqRel) {
-                        tracing::info!(
-                            kind,
-                            count = writer.as_reader().len(),
-                            "initial list complete"
-                        );
+                        tracing::info!(kind, count = store.len(), "initial list complete");
                     }
                     changes.notify();
                 }
@@ -298,38 +387,30 @@ async fn follow<K>(
     }
 }
 
-/// Drops what the proxy never reads before an object is stored: every node keeps a copy of
-/// every Service and EndpointSlice, so this is most of the proxy's memory. Also says how a
-/// change to the object is counted.
-trait Trim {
+/// A watched kind: what is kept of it, and how a change to it is counted.
+trait Watched {
+    type Compact: Keyed + PartialEq + Send + Sync + 'static;
     const CHANGE: ChangeKind;
-    fn trim(&mut self);
+    fn compact(&self, interner: &mut Interner) -> Self::Compact;
     /// When the change that caused this version of the object happened, if it says.
     fn trigger_time(&self) -> Option<SystemTime> {
         None
     }
 }
 
-fn trim_meta<K: Resource>(object: &mut K) {
-    let meta = object.meta_mut();
-    meta.managed_fields = None;
-    if let Some(annotations) = meta.annotations.as_mut() {
-        annotations.remove(LAST_APPLIED);
-    }
-}
-
-impl Trim for Service {
+impl Watched for Service {
+    type Compact = ServiceObject;
     const CHANGE: ChangeKind = ChangeKind::Service;
-    fn trim(&mut self) {
-        trim_meta(self);
-        // Load-balancer status is kept: its ingress IPs are frontends.
+    fn compact(&self, interner: &mut Interner) -> ServiceObject {
+        ServiceObject::new(self, interner)
     }
 }
 
-impl Trim for EndpointSlice {
+impl Watched for EndpointSlice {
+    type Compact = SliceObject;
     const CHANGE: ChangeKind = ChangeKind::EndpointSlice;
-    fn trim(&mut self) {
-        trim_meta(self);
+    fn compact(&self, interner: &mut Interner) -> SliceObject {
+        SliceObject::new(self, interner)
     }
     fn trigger_time(&self) -> Option<SystemTime> {
         let value = self
@@ -344,12 +425,13 @@ impl Trim for EndpointSlice {
     }
 }
 
-impl Trim for Node {
+impl Watched for Node {
+    /// The name, the store's key (a Node has no namespace).
+    type Compact = (String, NodeState);
     const CHANGE: ChangeKind = ChangeKind::Other;
-    fn trim(&mut self) {
-        trim_meta(self);
-        // Labels, deletion time and taints are read; the status (images, conditions) is large.
-        self.status = None;
+    fn compact(&self, _: &mut Interner) -> (String, NodeState) {
+        let name = self.metadata.name.clone().unwrap_or_default();
+        (name, NodeState::from_node(self))
     }
 }
 
@@ -398,8 +480,6 @@ impl ErrorLog {
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, ObjectMeta};
-    use kube::ResourceExt as _;
 
     use super::*;
 
@@ -423,41 +503,95 @@ mod tests {
         assert_eq!(log.failed(t0 + s(42)), Some(0), "a new outage logs at once");
     }
 
+    fn svc(name: &str, ip: &str) -> Service {
+        let mut svc = Service::default();
+        svc.metadata.name = Some(name.into());
+        svc.metadata.namespace = Some("dev".into());
+        svc.spec = Some(k8s_openapi::api::core::v1::ServiceSpec {
+            cluster_ips: Some(vec![ip.into()]),
+            ..Default::default()
+        });
+        svc
+    }
+
+    fn names(store: &CompactStore<ServiceObject>) -> Vec<String> {
+        let mut names: Vec<String> = lock(&store.objects)
+            .iter()
+            .filter_map(|s| s.name.clone())
+            .collect();
+        names.sort();
+        names
+    }
+
     #[test]
-    fn trim_drops_managed_fields_last_applied_and_node_status() {
-        let meta = ObjectMeta {
-            name: Some("x".into()),
-            managed_fields: Some(vec![ManagedFieldsEntry::default()]),
-            annotations: Some(
-                [
-                    (LAST_APPLIED, "{...}"),
-                    ("svcproxy.io/lb-algorithm", "maglev"),
-                ]
-                .into_iter()
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .collect(),
-            ),
-            ..ObjectMeta::default()
+    fn the_compact_store_keeps_reflector_semantics() {
+        let mut interner = Interner::default();
+        let mut store = CompactStore::new();
+        let mut apply = |store: &mut CompactStore<ServiceObject>,
+                         event: watcher::Event<Service>| {
+            let compact = match &event {
+                watcher::Event::Apply(o) | watcher::Event::InitApply(o) => {
+                    Some(o.compact(&mut interner))
+                }
+                _ => None,
+            };
+            store.apply(&event, compact);
         };
-        let mut svc = Service {
-            metadata: meta.clone(),
-            ..Service::default()
-        };
-        svc.trim();
-        assert_eq!(svc.metadata.managed_fields, None);
-        let annotations = svc.metadata.annotations.unwrap_or_default();
-        assert_eq!(
-            annotations.keys().collect::<Vec<_>>(),
-            ["svcproxy.io/lb-algorithm"],
-            "annotations the planner reads stay"
+        apply(&mut store, watcher::Event::Init);
+        apply(&mut store, watcher::Event::InitApply(svc("a", "10.96.0.1")));
+        apply(&mut store, watcher::Event::InitApply(svc("b", "10.96.0.2")));
+        assert!(
+            names(&store).is_empty(),
+            "nothing shows before the list ends"
         );
-        let mut node = Node {
-            metadata: meta,
-            status: Some(Default::default()),
-            ..Node::default()
+        apply(&mut store, watcher::Event::InitDone);
+        assert_eq!(names(&store), ["a", "b"]);
+
+        apply(&mut store, watcher::Event::Apply(svc("c", "10.96.0.3")));
+        apply(&mut store, watcher::Event::Delete(svc("a", "10.96.0.1")));
+        assert_eq!(names(&store), ["b", "c"]);
+        let ip = |store: &CompactStore<ServiceObject>, name: &str| {
+            lock(&store.objects)
+                .get((Some("dev"), name))
+                .and_then(|s| s.spec.as_ref()?.cluster_ips.first().cloned())
         };
-        node.trim();
-        assert!(node.status.is_none());
-        assert_eq!(node.name_any(), "x");
+        apply(&mut store, watcher::Event::Apply(svc("c", "10.96.0.9")));
+        assert_eq!(
+            ip(&store, "c").as_deref(),
+            Some("10.96.0.9"),
+            "an update replaces"
+        );
+
+        // A relist (after a watch failed): the old objects stay until the list is complete,
+        // then the listed set replaces them whole.
+        apply(&mut store, watcher::Event::Init);
+        apply(&mut store, watcher::Event::InitApply(svc("d", "10.96.0.4")));
+        assert_eq!(
+            names(&store),
+            ["b", "c"],
+            "never deleted before the full list"
+        );
+        apply(&mut store, watcher::Event::InitDone);
+        assert_eq!(names(&store), ["d"]);
+
+        // An object that comes back equal (relisted, or changed only where the proxy does not
+        // look) keeps its pointer: the planner then knows it has not changed.
+        let held = |store: &CompactStore<ServiceObject>| {
+            lock(&store.objects)
+                .get((Some("dev"), "d"))
+                .cloned()
+                .unwrap_or_else(|| panic!("d is stored"))
+        };
+        let before = held(&store);
+        let mut relabelled = svc("d", "10.96.0.4");
+        relabelled.metadata.resource_version = Some("2".into());
+        apply(&mut store, watcher::Event::Apply(relabelled));
+        assert!(Arc::ptr_eq(&before, &held(&store)), "an unread change");
+        apply(&mut store, watcher::Event::Init);
+        apply(&mut store, watcher::Event::InitApply(svc("d", "10.96.0.4")));
+        apply(&mut store, watcher::Event::InitDone);
+        assert!(Arc::ptr_eq(&before, &held(&store)), "relisted unchanged");
+        apply(&mut store, watcher::Event::Apply(svc("d", "10.96.0.5")));
+        assert!(!Arc::ptr_eq(&before, &held(&store)), "a real change");
     }
 }

@@ -16,7 +16,10 @@ use std::{
 use tokio_util::sync::CancellationToken;
 
 use super::{Changes, ClusterState, Source, Store};
-use crate::manifest::{self, DirFingerprint};
+use crate::{
+    manifest::{self, DirFingerprint},
+    objects::{Interner, ServiceObject, SliceObject},
+};
 
 /// How often the directory is checked for changes.
 pub const POLL: Duration = Duration::from_millis(200);
@@ -85,6 +88,20 @@ struct Poller {
     /// The problems last logged, so a bad file is reported when it appears or changes, not on
     /// every re-read of an unsettled directory.
     reported: Vec<String>,
+    interner: Interner,
+}
+
+/// `new` as shared objects, each one equal to the object published at its place taken from
+/// there: the planner sees an unchanged object as the same pointer and does not plan its
+/// Service again.
+fn reuse<T: PartialEq>(old: &[Arc<T>], new: Vec<T>) -> Vec<Arc<T>> {
+    new.into_iter()
+        .enumerate()
+        .map(|(i, object)| match old.get(i) {
+            Some(held) if **held == object => Arc::clone(held),
+            _ => Arc::new(object),
+        })
+        .collect()
 }
 
 impl Poller {
@@ -93,6 +110,7 @@ impl Poller {
             dir,
             seen: None,
             reported: Vec::new(),
+            interner: Interner::default(),
         }
     }
 
@@ -124,12 +142,26 @@ impl Poller {
             .chain(set.warnings.iter().map(ToString::to_string))
             .collect();
         self.report(problems);
+        let interner = &mut self.interner;
+        let services: Vec<ServiceObject> = set
+            .services
+            .iter()
+            .map(|s| ServiceObject::new(s, interner))
+            .collect();
+        let slices: Vec<SliceObject> = set
+            .slices
+            .iter()
+            .map(|s| SliceObject::new(s, interner))
+            .collect();
+        let mut published = source.lock();
+        let (old_services, old_slices) = published
+            .as_ref()
+            .map_or((&[][..], &[][..]), |p| (&p.services[..], &p.slices[..]));
         let state = ClusterState {
-            services: set.services.into_iter().map(Arc::new).collect(),
-            slices: set.slices.into_iter().map(Arc::new).collect(),
+            services: reuse(old_services, services),
+            slices: reuse(old_slices, slices),
             node: None,
         };
-        let mut published = source.lock();
         // A just-written file keeps the fingerprint unsettled for a while and the directory is
         // re-read on every poll; only a real difference is worth a plan.
         if published.as_ref() == Some(&state) {
@@ -201,7 +233,7 @@ mod tests {
         state
             .services
             .iter()
-            .filter_map(|s| s.spec.as_ref()?.cluster_ips.as_ref()?.first().cloned())
+            .filter_map(|s| s.spec.as_ref()?.cluster_ips.first().cloned())
             .collect()
     }
 

@@ -7,6 +7,7 @@
 //! objects and never decide what to delete: the planner recomputes everything from a snapshot,
 //! so a lost, replayed or out-of-order event cannot leave a stale frontend behind.
 
+mod keyed;
 pub mod kube;
 pub mod manifests;
 
@@ -15,13 +16,13 @@ use std::{
     time::{Instant, SystemTime},
 };
 
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::Node;
 use tokio::{sync::watch, task::JoinHandle};
 
-use crate::planner::NodeInfo;
+use crate::{
+    objects::{ServiceObject, SliceObject},
+    planner::NodeInfo,
+};
 
 /// The Node label naming the node's zone, for topology-aware routing.
 pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
@@ -32,9 +33,10 @@ pub use crate::health::TO_BE_DELETED_TAINT as TAINT_TO_BE_DELETED;
 /// Everything a source knows at one moment.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ClusterState {
-    /// Shared with the source's store: a snapshot copies pointers, not objects.
-    pub services: Vec<Arc<Service>>,
-    pub slices: Vec<Arc<EndpointSlice>>,
+    /// Shared with the source's store: a snapshot copies pointers, not objects, and an
+    /// object that did not change is the same pointer in the next snapshot.
+    pub services: Vec<Arc<ServiceObject>>,
+    pub slices: Vec<Arc<SliceObject>>,
     /// This node's Node; `None` when the source does not follow Nodes (manifests) or the Node
     /// does not exist (yet).
     pub node: Option<NodeState>,
@@ -347,7 +349,7 @@ mod tests {
         fn snapshot(&self) -> ClusterState {
             let n = *self.services.lock().unwrap_or_else(|e| e.into_inner());
             ClusterState {
-                services: (0..n).map(|_| Arc::new(Service::default())).collect(),
+                services: (0..n).map(|_| Arc::new(ServiceObject::default())).collect(),
                 ..ClusterState::default()
             }
         }

@@ -233,7 +233,8 @@ impl Harness {
                     algorithm: s.algorithm,
                     drop_when_empty: s.drop_when_empty,
                     ..FrontendState::default()
-                },
+                }
+                .into(),
             );
         }
         let stats = self.writer.apply(&desired);
