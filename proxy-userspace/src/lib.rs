@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod planner;
 pub mod run;
 pub mod service_health;
+pub mod socklb;
 pub mod source;
 pub mod svc_meta;
 pub mod writer;

@@ -49,6 +49,8 @@ fn run_with_only(sb: &Sandbox, caps: &[&str], pin_dir: &Path, manifests: &Path) 
         .arg(manifests)
         .args(["--interfaces", &sb.veth_glob(), "--pin-path"])
         .arg(pin_dir)
+        // Not on the machine's root cgroup, where other tests run (see `socket_lb.rs`).
+        .args(["--socket-lb", "off"])
         // Port 0: nothing to collide with, whatever else runs.
         .args([
             "--metrics-bind-address",
