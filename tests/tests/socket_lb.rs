@@ -327,3 +327,89 @@ fn a_pod_connects_to_the_backend_directly_and_the_per_packet_path_leaves_the_flo
     assert_eq!(proxy.counter("rewrite_failed"), 0, "{}", proxy.stats());
     proxy.stop();
 }
+
+/// The pinned socket-level links by pin name: link id and the id of the program in it.
+fn sock_link_ids(pin_dir: &Path) -> Vec<(String, u32, u32)> {
+    let mut ids: Vec<(String, u32, u32)> = std::fs::read_dir(pin_dir.join("links"))
+        .expect("links directory")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("sock-"))
+        .map(|e| {
+            let link = aya::programs::links::PinnedLink::from_pin(e.path()).expect("pinned link");
+            let info = aya::programs::links::FdLink::from(link)
+                .info()
+                .expect("link info");
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                info.id(),
+                info.program_id(),
+            )
+        })
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[test]
+fn a_restart_takes_over_the_cgroup_links_and_cleanup_detaches_them() {
+    let (sb, m, cg) = setup("skrst");
+    let mut proxy = Proxy::start_with_options(&sb, m.dir(), "tc", &proxy_args("tcp", cg.path()));
+    let cg = Arc::new(cg);
+    let node = sb.node_netns().to_owned();
+    in_cgroup(&node, &cg, || {
+        eventually("TCP from the node namespace", || tcp_name(FRONTEND))
+    });
+    let before = sock_link_ids(proxy.pin_dir());
+    assert_eq!(before.len(), 4, "one link per hook: {before:?}");
+    proxy.restart(&sb);
+    // The new process replaces the programs inside the same links: the hooks never went away.
+    let (_, peer) = in_cgroup(&node, &cg, || {
+        eventually("TCP from the node namespace after the restart", || {
+            tcp_name(FRONTEND)
+        })
+    });
+    assert_eq!(peer, SocketAddr::V4(FRONTEND));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let now = sock_link_ids(proxy.pin_dir());
+        let same_links = now.len() == before.len()
+            && now
+                .iter()
+                .zip(&before)
+                .all(|(a, b)| a.0 == b.0 && a.1 == b.1);
+        let new_programs = now.iter().zip(&before).all(|(a, b)| a.2 != b.2);
+        if same_links && new_programs {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restarted svcproxy did not put its programs into the links {before:?}: {now:?}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+
+    let pins = proxy.stop_keeping_pins();
+    // Still attached without svcproxy: the pins hold the links.
+    let (_, peer) = in_cgroup(&node, &cg, || tcp_name(FRONTEND).expect("without svcproxy"));
+    assert_eq!(peer, SocketAddr::V4(FRONTEND));
+    let out = sb
+        .node_command(common::svcproxy_bin())
+        .args(["cleanup", "--pin-path"])
+        .arg(&pins.0)
+        .output()
+        .expect("running svcproxy cleanup");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The kernel releases an unpinned link asynchronously.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while in_cgroup(&node, &cg, || tcp_name(FRONTEND)).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "the node still reaches the ClusterIP 15 s after cleanup: a hook stayed attached"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
