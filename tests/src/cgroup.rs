@@ -4,8 +4,11 @@
 //! can move in alone ([`TestCgroup::enter`]) while the rest of the test binary stays outside.
 
 use std::{
-    fs,
+    ffi::CString,
+    fs, io,
+    os::unix::{ffi::OsStringExt, process::CommandExt},
     path::{Path, PathBuf},
+    process::Command,
     sync::atomic::{AtomicU32, Ordering},
     thread,
     time::{Duration, Instant},
@@ -60,6 +63,29 @@ impl TestCgroup {
         fs::write(self.path.join("cgroup.threads"), tid.to_string())
             .with_context(|| format!("move thread {tid} into {}", self.path.display()))
     }
+}
+
+/// Makes the child of `cmd` join the cgroup at `path` before it execs (so every thread it starts
+/// is inside too).
+pub fn join_on_exec(cmd: &mut Command, path: &Path) -> Result<()> {
+    let file = CString::new(path.join("cgroup.threads").into_os_string().into_vec())
+        .context("cgroup path with a NUL byte")?;
+    // SAFETY: between fork and exec the closure only calls open/write/close, which are
+    // async-signal-safe, on a path built before the fork; it allocates nothing. "0" names the
+    // calling thread, the child's only one.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(file.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+            let err = io::Error::last_os_error();
+            libc::close(fd);
+            if written == 1 { Ok(()) } else { Err(err) }
+        });
+    }
+    Ok(())
 }
 
 impl Drop for TestCgroup {

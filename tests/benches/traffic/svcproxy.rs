@@ -1,8 +1,10 @@
 //! The svcproxy variants: the same Services written as Service and EndpointSlice manifests,
 //! and the release `svcproxy` binary following them from the node namespace, attached to the
-//! pods' host veths with the tc or the XDP hook.
+//! pods' host veths with the tc or the XDP hook (and, for the socket-level variant, to a
+//! cgroup of the bench's own).
 
 use std::{
+    ffi::OsString,
     fs,
     path::{Path, PathBuf},
     process::{Child, Stdio},
@@ -75,6 +77,7 @@ impl Proxy {
         set: &ServiceSet,
         hook: &str,
         tag: &str,
+        extra: &[OsString],
     ) -> Result<Self> {
         let unique = format!("svcproxy-bench-{}-{tag}", std::process::id());
         let mut proxy = Self {
@@ -101,6 +104,7 @@ impl Proxy {
                 "--pin-path",
             ])
             .arg(&proxy.pin_dir)
+            .args(extra)
             .env("SVCPROXY_LOG", "info")
             // No colours: the log is searched for the sync line.
             .env("NO_COLOR", "1")
