@@ -9,7 +9,7 @@ use bytemuck::{Pod, Zeroable};
 /// so the application only ever sees the address it connected to. LRU: a full table forgets the
 /// least recent socket, whose peer then reads as the backend (it still works).
 pub const SOCK_REVNAT4: &str = "SOCK_REVNAT4";
-pub const DEFAULT_SOCK_REVNAT: u32 = 262_144;
+pub const DEFAULT_SOCK_REVNAT: u32 = 65_536;
 
 /// Global variable in the object: which sockets the hooks translate (`SOCK_LB_*`), set at load.
 pub const SOCK_LB_MODE_GLOBAL: &str = "SOCK_LB_MODE";

@@ -35,7 +35,7 @@ use crate::maps::{
 
 /// Socket cookie and backend -> the frontend asked for (see `proxy_common::sock`).
 #[btf_map]
-pub static SOCK_REVNAT4: LruHashMap<SockRevKey4, SockRevEntry4, 262_144> = LruHashMap::new();
+pub static SOCK_REVNAT4: LruHashMap<SockRevKey4, SockRevEntry4, 65_536> = LruHashMap::new();
 
 /// `proxy_common::sock::SOCK_LB_*`, set by the controller at load time.
 #[unsafe(no_mangle)]

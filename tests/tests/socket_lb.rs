@@ -121,9 +121,13 @@ fn eventually<T>(what: &str, mut f: impl FnMut() -> std::io::Result<T>) -> T {
 #[test]
 fn the_node_namespace_reaches_a_clusterip_over_tcp_and_udp_and_sees_only_the_clusterip() {
     let (sb, m, cg) = setup("sknode");
+    // A Service without endpoints: connect() to it is refused at once, as the per-packet
+    // path's reset would.
+    let empty = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 11), 80);
+    m.service("default", "empty", *empty.ip(), &ports());
     let proxy = Proxy::start_with_options(&sb, m.dir(), "tc", &proxy_args("all", cg.path()));
     let cg = Arc::new(cg);
-    let (tcp_names, udp_names) = in_cgroup(sb.node_netns(), &cg, || {
+    let (tcp_names, udp_names) = in_cgroup(sb.node_netns(), &cg, move || {
         eventually("first TCP connection from the node namespace", || {
             tcp_name(FRONTEND)
         });
@@ -158,6 +162,12 @@ fn the_node_namespace_reaches_a_clusterip_over_tcp_and_udp_and_sees_only_the_clu
         let (name, from) = udp_name(&s, None).expect("connected UDP exchange");
         assert_eq!(from, SocketAddr::V4(FRONTEND));
         udp_names.insert(name);
+        let refused = TcpStream::connect_timeout(&empty.into(), TIMEOUT).map(|_| ());
+        assert_eq!(
+            refused.as_ref().map_err(|e| e.kind()),
+            Err(ErrorKind::ConnectionRefused),
+            "a Service without endpoints refuses at connect(): {refused:?}"
+        );
         (tcp_names, udp_names)
     });
     let all: HashSet<String> = ["web-0", "web-1"].map(String::from).into();

@@ -117,6 +117,22 @@ impl Proxy {
         Ok(proxy)
     }
 
+    /// Fails unless the socket-level hooks translated some socket (they record each in the
+    /// pinned `SOCK_REVNAT4`): without this, a hook that never fired would be measured as the
+    /// tc path under another name.
+    pub fn check_socket_lb_used(&self) -> Result<()> {
+        use aya::maps::{HashMap, Map, MapData};
+        use proxy_common::sock::{SOCK_REVNAT4, SockRevEntry4, SockRevKey4};
+        let path = self.pin_dir.join(SOCK_REVNAT4);
+        let data = MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))?;
+        let map = HashMap::<_, SockRevKey4, SockRevEntry4>::try_from(Map::LruHashMap(data))
+            .context("SOCK_REVNAT4 is no LRU hash")?;
+        if map.keys().next().is_none() {
+            bail!("no socket was translated at connect(): the socket-level hooks did not run");
+        }
+        Ok(())
+    }
+
     fn log(&self) -> PathBuf {
         self.dir.join("svcproxy.log")
     }

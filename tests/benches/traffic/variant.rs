@@ -159,6 +159,9 @@ pub fn load(variant: Variant, n: usize, bin: &Path) -> Result<Loaded> {
     };
     wait_answering(&topology.client_netns, cgroup.clone(), targets[0])
         .with_context(|| format!("{} with {n} Services", variant.name()))?;
+    if let (Variant::SvcproxySock, Some(p)) = (variant, &proxy) {
+        p.check_socket_lb_used()?;
+    }
     Ok(Loaded {
         load_time: started.elapsed(),
         _proxy: proxy,
