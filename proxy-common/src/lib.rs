@@ -16,6 +16,7 @@ pub mod csum;
 pub mod meta;
 pub mod select;
 pub mod service;
+pub mod sock;
 pub mod stats;
 
 /// Bumped whenever a map layout below changes. The controller refuses to adopt pinned maps whose

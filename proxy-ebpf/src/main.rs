@@ -13,6 +13,7 @@ mod nat;
 mod packet;
 mod parse;
 mod reject;
+mod sock;
 mod stats;
 
 use aya_ebpf::{

@@ -70,6 +70,14 @@ pub const CAP_BPF: Capability = Capability {
     used_for: "create maps and load programs",
 };
 
+/// Needed only with `--socket-lb all`: re-balancing a connected UDP socket borrows it from its
+/// process (`pidfd_getfd`), which the kernel allows only with ptrace rights over that process.
+pub const CAP_SYS_PTRACE: Capability = Capability {
+    name: "CAP_SYS_PTRACE",
+    bit: 19,
+    used_for: "re-balance other processes' connected UDP sockets (--socket-lb all)",
+};
+
 /// Every capability `svcproxy run` needs on a current kernel, and no other.
 pub const REQUIRED: [Capability; 3] = [CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON];
 
@@ -118,6 +126,17 @@ pub fn check() -> Result<(), CapError> {
         return Err(CapError::Missing { missing });
     }
     raise_memlock_if_charged()
+}
+
+/// Fails unless this process holds [`CAP_SYS_PTRACE`] (for `--socket-lb all`).
+pub fn check_udp_rebalancing() -> Result<(), CapError> {
+    let status = std::fs::read_to_string("/proc/self/status").map_err(CapError::Status)?;
+    match effective_set(&status) {
+        Some(set) if CAP_SYS_PTRACE.is_in(set) => Ok(()),
+        _ => Err(CapError::Missing {
+            missing: vec![CAP_SYS_PTRACE],
+        }),
+    }
 }
 
 /// The required capabilities absent from the effective set `effective`.

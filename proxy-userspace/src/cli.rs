@@ -15,6 +15,7 @@ use crate::{
     loader::{HookChoice, MapSizes},
     planner::{Ipv4Cidr, PlanOptions},
     run::{RunError, RunOptions, SourceKind, SourceOptions},
+    socklb::SocketLb,
 };
 
 /// Where `svcproxy run` pins its maps and links unless told otherwise.
@@ -145,6 +146,17 @@ pub struct RunArgs {
     /// bpffs directory the maps are pinned in (and adopted from on restart).
     #[arg(long, default_value = DEFAULT_PIN_PATH)]
     pub pin_path: PathBuf,
+    /// Socket-level balancing: translate a Service address to a backend when a socket
+    /// connects (cgroup hooks), which is how the node's own processes and hostNetwork pods
+    /// reach Services, and spares pods the per-packet NAT. `tcp`: TCP sockets; `all`: UDP too
+    /// (connected UDP sockets are re-balanced when their backend goes); `off`: none, so the
+    /// node's own traffic to a ClusterIP is not translated.
+    #[arg(long, value_enum, default_value = "tcp")]
+    pub socket_lb: SocketLb,
+    /// The cgroup v2 directory the socket-level hooks attach to; they act on every process
+    /// below it. Default: the root of the cgroup v2 hierarchy (the whole node).
+    #[arg(long)]
+    pub cgroup_path: Option<PathBuf>,
     /// This node's name (for node-local traffic policies, its zone and its health); default:
     /// the hostname.
     #[arg(long, env = "NODE_NAME")]
@@ -215,6 +227,8 @@ impl RunArgs {
             interfaces: self.interfaces,
             hook: self.hook,
             pin_path: self.pin_path,
+            socket_lb: self.socket_lb,
+            cgroup_path: self.cgroup_path,
             node_name: self.node_name.unwrap_or_else(hostname),
             sizes: MapSizes {
                 frontends: self.max_frontends,

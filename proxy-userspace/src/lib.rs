@@ -22,6 +22,7 @@ pub mod objects;
 pub mod planner;
 pub mod run;
 pub mod service_health;
+pub mod socklb;
 pub mod source;
 pub mod svc_meta;
 pub mod writer;

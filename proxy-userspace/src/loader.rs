@@ -4,7 +4,10 @@
 use std::{
     collections::BTreeMap,
     fs, io,
-    os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt},
+    os::{
+        fd::{AsFd, AsRawFd},
+        unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt},
+    },
     path::{Path, PathBuf},
 };
 
@@ -12,7 +15,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, Map, MapData, MapInfo},
     programs::{
-        SchedClassifier, TcAttachType, TestRun, TestRunOptions, TestRunResult, Xdp, XdpMode,
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, TestRun, TestRunOptions,
+        TestRunResult, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         tc::SchedClassifierLink,
         xdp::XdpLink,
@@ -31,11 +35,18 @@ use proxy_common::{
         FRONTEND_FILTER, FRONTEND_FILTER_WORDS, FRONTENDS4, Frontend4Key, MAGLEV_TABLE_SIZE_GLOBAL,
         MAGLEV4, SLOTS, SVC_REVISIONS, Service4, Slot, SlotKey,
     },
+    sock::{
+        DEFAULT_SOCK_REVNAT, NODE_NETNS_COOKIE_GLOBAL, SOCK_LB_MODE_GLOBAL, SOCK_REVNAT4,
+        SockRevEntry4, SockRevKey4,
+    },
     stats::{STAT_COUNT, STATS, SVC_STATS, SvcStats},
 };
 use thiserror::Error;
 
-use crate::iface::{self, Interface};
+use crate::{
+    iface::{self, Interface},
+    socklb::{self, SocketLb},
+};
 
 /// The eBPF object built from `proxy-ebpf` by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
@@ -189,6 +200,8 @@ pub enum LoadError {
     },
     #[error("interface {0} does not exist (any more)")]
     NoSuchInterface(String),
+    #[error("socket-level balancing: {what}: {error}")]
+    SocketLb { what: String, error: String },
 }
 
 /// One interface's attachment: a bpf link pinned under the pin directory, so the program stays
@@ -212,11 +225,14 @@ pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     attached: BTreeMap<String, Attachment>,
+    socket_lb: SocketLb,
+    /// The pinned links of the cgroup hooks (`--socket-lb`), held open while we run.
+    cgroup_links: Vec<(PathBuf, std::os::fd::OwnedFd)>,
     _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
 /// Names, key/value sizes and max entries of every map, for pin compatibility checks.
-pub(crate) fn map_specs(sizes: &MapSizes) -> [(&'static str, u32, u32, u32); 14] {
+pub(crate) fn map_specs(sizes: &MapSizes) -> [(&'static str, u32, u32, u32); 15] {
     [
         (
             MAGLEV4,
@@ -266,6 +282,12 @@ pub(crate) fn map_specs(sizes: &MapSizes) -> [(&'static str, u32, u32, u32); 14]
         (FRONTEND_FILTER, 4, 8, FRONTEND_FILTER_WORDS),
         (SVC_REVISIONS, 4, 4, sizes.frontends + 1),
         (STATS, 4, 8, STAT_COUNT),
+        (
+            SOCK_REVNAT4,
+            size_of::<SockRevKey4>() as u32,
+            size_of::<SockRevEntry4>() as u32,
+            DEFAULT_SOCK_REVNAT,
+        ),
         (LAYOUT, 4, 4, 1),
         // One record per service id.
         (
@@ -278,8 +300,19 @@ pub(crate) fn map_specs(sizes: &MapSizes) -> [(&'static str, u32, u32, u32); 14]
 }
 
 impl Datapath {
-    /// Loads the programs and creates or adopts the maps pinned in `pin_dir`.
+    /// Loads the programs and creates or adopts the maps pinned in `pin_dir`; the socket-level
+    /// hooks are loaded for `--socket-lb tcp` (the default) but attached only by
+    /// [`attach_cgroup`](Self::attach_cgroup).
     pub fn load(pin_dir: &Path, sizes: &MapSizes) -> Result<Self, LoadError> {
+        Self::load_with(pin_dir, sizes, SocketLb::default())
+    }
+
+    /// [`load`](Self::load) with the socket-level balancing mode `socket_lb`.
+    pub fn load_with(
+        pin_dir: &Path,
+        sizes: &MapSizes,
+        socket_lb: SocketLb,
+    ) -> Result<Self, LoadError> {
         if EBPF_OBJECT.is_empty() {
             return Err(LoadError::NoObject);
         }
@@ -296,6 +329,17 @@ impl Datapath {
             .collect();
         let mut loader = EbpfLoader::new();
         loader.override_global(MAGLEV_TABLE_SIZE_GLOBAL, &sizes.maglev_table_size, true);
+        let mode = socket_lb.mode();
+        loader.override_global(SOCK_LB_MODE_GLOBAL, &mode, true);
+        // Only read with socket-level balancing on: a kernel without the option still loads.
+        let netns = match socket_lb {
+            SocketLb::Off => 0,
+            _ => socklb::netns_cookie().map_err(|e| LoadError::SocketLb {
+                what: "cannot read this network namespace's cookie (kernel >= 5.14)".into(),
+                error: e.to_string(),
+            })?,
+        };
+        loader.override_global(NODE_NETNS_COOKIE_GLOBAL, &netns, true);
         for (name, _, _, max) in &specs {
             loader.map_max_entries(name, *max);
         }
@@ -324,10 +368,19 @@ impl Datapath {
             name: XDP_PROGRAM,
             source,
         })?;
+        if socket_lb != SocketLb::Off {
+            for (name, _) in socklb::PROGRAMS {
+                let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+                prog.load()
+                    .map_err(|source| LoadError::Program { name, source })?;
+            }
+        }
         Ok(Self {
             ebpf,
             pin_dir: pin_dir.to_owned(),
             attached: BTreeMap::new(),
+            socket_lb,
+            cgroup_links: Vec::new(),
             _logger: logger,
         })
     }
@@ -504,7 +557,12 @@ impl Datapath {
         let Ok(entries) = fs::read_dir(&dir) else {
             return;
         };
-        let kept: Vec<&Path> = self.attached.values().map(|a| a.pin.as_path()).collect();
+        let kept: Vec<&Path> = self
+            .attached
+            .values()
+            .map(|a| a.pin.as_path())
+            .chain(self.cgroup_links.iter().map(|(pin, _)| pin.as_path()))
+            .collect();
         for entry in entries.flatten() {
             let path = entry.path();
             if !kept.contains(&path.as_path()) {
@@ -512,6 +570,88 @@ impl Datapath {
                 remove_link_pin(&path);
             }
         }
+    }
+
+    /// Attaches the socket-level hooks to the cgroup v2 directory `cgroup` (the hierarchy's
+    /// root serves every process of the node), or takes over the links an earlier svcproxy
+    /// pinned for it. The pins are named after the cgroup's inode, so a run with another
+    /// `--cgroup-path` attaches anew and [`prune_links`](Self::prune_links) drops the old
+    /// ones. Nothing is attached with `--socket-lb off`.
+    pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<(), LoadError> {
+        if self.socket_lb == SocketLb::Off || !self.cgroup_links.is_empty() {
+            return Ok(());
+        }
+        let fail = |what: String, error: String| LoadError::SocketLb { what, error };
+        let dir = fs::File::open(cgroup).map_err(|e| {
+            fail(
+                format!("cannot open cgroup {}", cgroup.display()),
+                e.to_string(),
+            )
+        })?;
+        let ino = dir
+            .metadata()
+            .map_err(|e| {
+                fail(
+                    format!("cannot stat cgroup {}", cgroup.display()),
+                    e.to_string(),
+                )
+            })?
+            .ino();
+        let links_dir = self.pin_dir.join(LINKS_DIR);
+        fs::create_dir_all(&links_dir).map_err(|source| LoadError::PinDir {
+            path: links_dir.clone(),
+            source,
+        })?;
+        for (name, hook) in socklb::PROGRAMS {
+            let pin = links_dir.join(format!("sock-{hook}-{ino}"));
+            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
+            let prog_fd = prog
+                .fd()
+                .map_err(|source| LoadError::Program { name, source })?
+                .as_fd()
+                .as_raw_fd();
+            let adopted = if pin.exists() {
+                match socklb::obj_get(&pin).and_then(|link| {
+                    socklb::link_update(&link, prog_fd)?;
+                    Ok(link)
+                }) {
+                    Ok(link) => {
+                        tracing::info!(hook, "took over the pinned cgroup link (program replaced)");
+                        Some(link)
+                    }
+                    Err(e) => {
+                        tracing::info!(hook, "pinned cgroup link not usable ({e}); attaching anew");
+                        remove_link_pin(&pin);
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            let link = match adopted {
+                Some(link) => link,
+                None => {
+                    let pin_err = |error: String| LoadError::PinLink {
+                        path: pin.clone(),
+                        error,
+                    };
+                    // Links on cgroups always allow other programs beside them (other tools'
+                    // hooks keep running); the mode is the flag for the legacy attach only.
+                    let id = prog
+                        .attach(&dir, CgroupAttachMode::Single)
+                        .map_err(|source| LoadError::Program { name, source })?;
+                    let link = prog
+                        .take_link(id)
+                        .map_err(|source| LoadError::Program { name, source })?;
+                    let link = FdLink::try_from(link).map_err(|e| pin_err(e.to_string()))?;
+                    link.pin(&pin).map_err(|e| pin_err(e.to_string()))?;
+                    tracing::info!(hook, cgroup = %cgroup.display(), "attached socket-level hook");
+                    socklb::obj_get(&pin).map_err(|e| pin_err(e.to_string()))?
+                }
+            };
+            self.cgroup_links.push((pin, link));
+        }
+        Ok(())
     }
 
     /// Runs one of the programs on a packet with BPF_PROG_TEST_RUN (tests and benchmarks).

@@ -35,6 +35,7 @@ use crate::{
     loader::{Datapath, HookChoice, LoadError, MapSizes},
     metrics::Metrics,
     planner::{PlanCache, PlanInput, PlanOptions},
+    socklb::{self, SocketLb, UdpRebalancer},
     source::{
         self, ChangeTotals, Store,
         kube::{KubeOptions, KubeSourceError},
@@ -99,6 +100,10 @@ pub struct RunOptions {
     pub interfaces: Vec<String>,
     pub hook: HookChoice,
     pub pin_path: PathBuf,
+    /// `--socket-lb`: which sockets the cgroup hooks translate.
+    pub socket_lb: SocketLb,
+    /// `--cgroup-path`: where the hooks attach; `None`: the cgroup v2 root.
+    pub cgroup_path: Option<PathBuf>,
     pub node_name: String,
     pub sizes: MapSizes,
     /// The shortest time between two syncs: a rollout touches many EndpointSlices within
@@ -160,6 +165,9 @@ impl From<LoadError> for RunError {
 pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     // First: without these, loading would fail halfway with a bare EPERM.
     caps::check()?;
+    if opts.socket_lb == SocketLb::All {
+        caps::check_udp_rebalancing()?;
+    }
     let selector = iface::Selector::parse(&opts.interfaces)
         .map_err(|(glob, error)| RunError::BadGlob { glob, error })?;
     // The one shutdown signal of every task. Cancelled on return too (errors included), so
@@ -200,7 +208,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         }
     };
 
-    let mut dp = Datapath::load(&opts.pin_path, &opts.sizes)?;
+    let mut dp = Datapath::load_with(&opts.pin_path, &opts.sizes, opts.socket_lb)?;
     // Subscribed before the first listing, so an interface created in between is not missed.
     let links = iface::LinkWatch::new().map_err(RunError::ListInterfaces)?;
     let ifaces = selector.matching().map_err(RunError::ListInterfaces)?;
@@ -216,6 +224,19 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     for found in &ifaces {
         dp.attach_as(&found.name, opts.hook)?;
     }
+    if opts.socket_lb != SocketLb::Off {
+        let cgroup = match &opts.cgroup_path {
+            Some(path) => path.clone(),
+            None => socklb::cgroup2_root().map_err(|e| {
+                RunError::Load(Box::new(LoadError::SocketLb {
+                    what: "cannot find the cgroup v2 root".into(),
+                    error: e.to_string(),
+                }))
+            })?,
+        };
+        dp.attach_cgroup(&cgroup)?;
+    }
+    // Also detaches the socket-level hooks of an earlier run when they are now off.
     dp.prune_links();
     let mut interfaces = Interfaces {
         selector,
@@ -244,6 +265,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         names: Names::default(),
         applied_once: false,
         totals: ChangeTotals::default(),
+        udp_rebalancer: (opts.socket_lb == SocketLb::All).then(UdpRebalancer::default),
     };
     let result = sync_loop(
         &mut dp,
@@ -434,6 +456,8 @@ struct Syncer {
     applied_once: bool,
     /// Change totals already added to the metrics' counters.
     totals: ChangeTotals,
+    /// With `--socket-lb all`: moves connected UDP sockets off backends that went.
+    udp_rebalancer: Option<UdpRebalancer>,
 }
 
 impl Syncer {
@@ -489,6 +513,10 @@ impl Syncer {
             self.applied_once = true;
             writer.apply(desired)
         };
+        if let Some(r) = &mut self.udp_rebalancer {
+            // After the maps changed: the `connect()` hook must pick among the new backends.
+            r.after_sync(desired);
+        }
         let apply_done = Instant::now();
         self.metrics.observe_sync_frontends(
             [

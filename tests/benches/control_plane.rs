@@ -208,6 +208,8 @@ impl Running {
             .args(["--node-name", NODE, "--interfaces", &sb.veth_glob()])
             .args(["--hook", "tc", "--pin-path"])
             .arg(&pin_dir)
+            // The datapath is not measured here; no hooks on the machine's root cgroup.
+            .args(["--socket-lb", "off"])
             .args(["--max-frontends", &frontends.to_string()])
             .args(["--max-slots", &per_backend, "--max-backends", &per_backend])
             .args(["--max-flows", "65536", "--max-affinity", "1024"])

@@ -26,6 +26,7 @@
 //! while a test upgrades or kills the proxy.
 
 pub mod apiserver;
+pub mod cgroup;
 pub mod client;
 pub mod cluster;
 pub mod cmd;
@@ -35,6 +36,7 @@ pub mod netns;
 pub mod sandbox;
 pub mod sockopt;
 
+pub use cgroup::TestCgroup;
 pub use client::{RequestError, tcp_request, tcp_request_here, udp_request, udp_request_here};
 pub use cluster::Cluster;
 pub use echo::{bulk_byte, bulk_pattern};

@@ -25,6 +25,7 @@ use svcproxy::{
     cli::{Cli, Command},
     loader::HookChoice,
     run::SourceOptions,
+    socklb::SocketLb,
 };
 
 /// `system:node-proxier` as the Kubernetes bootstrap policy defines it (kube-proxy's role), as
@@ -321,10 +322,11 @@ fn daemon_set_pod_is_a_node_agent_like_kube_proxy() {
         "the node's bpffs"
     );
     assert!(!bpffs.1, "pins are created there: not read-only");
+    let cgroup = mounts
+        .get("/run/svcproxy/cgroupv2")
+        .expect("the node's cgroup2 root mounted where --cgroup-path points");
     assert!(
-        mounts
-            .values()
-            .any(|(name, ro)| *ro && host_paths.get(name) == Some(&"/sys/fs/cgroup")),
+        cgroup.1 && host_paths.get(cgroup.0) == Some(&"/sys/fs/cgroup"),
         "the node's cgroup2 root, read-only: {mounts:?}"
     );
 }
@@ -415,6 +417,16 @@ fn daemon_set_command_line_is_accepted_by_svcproxy_run() {
         opts.pin_path.display()
     );
     assert_eq!(opts.health_addr.port(), 10256, "where the probes look");
+    assert_eq!(
+        opts.socket_lb,
+        SocketLb::Tcp,
+        "TCP sockets balanced at connect(); `all` would also need hostPID and SYS_PTRACE"
+    );
+    assert_eq!(
+        opts.cgroup_path.as_deref(),
+        Some(std::path::Path::new("/run/svcproxy/cgroupv2")),
+        "the hooks attach to the node's cgroup2 root, mounted there (see the volume check)"
+    );
     assert!(
         opts.health_addr.ip().is_unspecified(),
         "the kubelet probes the node's address"

@@ -38,7 +38,13 @@ fn bpffs_dir(tag: &str) -> RemoveOnDrop {
 /// let it through would attach nowhere that matters) and returns its exit success and its
 /// log. It must exit on its own within 10 s: a check that let it through would leave it
 /// running.
-fn run_with_only(sb: &Sandbox, caps: &[&str], pin_dir: &Path, manifests: &Path) -> (bool, String) {
+fn run_with_only(
+    sb: &Sandbox,
+    caps: &[&str],
+    pin_dir: &Path,
+    manifests: &Path,
+    socket_lb: &str,
+) -> (bool, String) {
     let wrapper = setpriv_with_only(caps);
     let mut child = sb
         .node_command(&wrapper[0])
@@ -49,6 +55,9 @@ fn run_with_only(sb: &Sandbox, caps: &[&str], pin_dir: &Path, manifests: &Path) 
         .arg(manifests)
         .args(["--interfaces", &sb.veth_glob(), "--pin-path"])
         .arg(pin_dir)
+        // `off` unless a test is about it: not on the machine's root cgroup, where other tests
+        // run (see `socket_lb.rs`).
+        .args(["--socket-lb", socket_lb])
         // Port 0: nothing to collide with, whatever else runs.
         .args([
             "--metrics-bind-address",
@@ -92,7 +101,7 @@ fn each_missing_capability_is_named_before_anything_is_loaded() {
             .collect();
         let others: Vec<&str> = others.iter().map(String::as_str).collect();
         let pins = bpffs_dir("svcproxy-caps");
-        let (ok, log) = run_with_only(&sb, &others, &pins.0, manifests.dir());
+        let (ok, log) = run_with_only(&sb, &others, &pins.0, manifests.dir(), "off");
         assert!(
             !ok,
             "svcproxy without {} exited successfully:\n{log}",
@@ -149,4 +158,26 @@ fn pin_directory_owned_by_someone_else_is_refused() {
     }
     let entries = std::fs::read_dir(&pins.0).expect("list").count();
     assert_eq!(entries, 0, "nothing was pinned into it");
+}
+
+#[test]
+fn socket_lb_all_without_cap_sys_ptrace_is_refused_before_anything_is_loaded() {
+    let sb = Sandbox::new("lpptrace", Ipv4Addr::new(172, 18, 0, 2)).expect("sandbox");
+    let manifests = common::Manifests::new();
+    let required: Vec<String> = caps::REQUIRED
+        .iter()
+        .map(|c| c.kubernetes_name().to_lowercase())
+        .collect();
+    let required: Vec<&str> = required.iter().map(String::as_str).collect();
+    let pins = bpffs_dir("svcproxy-ptrace");
+    let (ok, log) = run_with_only(&sb, &required, &pins.0, manifests.dir(), "all");
+    assert!(
+        !ok,
+        "svcproxy --socket-lb all without CAP_SYS_PTRACE started:\n{log}"
+    );
+    assert!(
+        log.contains("missing CAP_SYS_PTRACE"),
+        "the error names CAP_SYS_PTRACE:\n{log}"
+    );
+    assert!(!pins.0.exists(), "it still created {}", pins.0.display());
 }

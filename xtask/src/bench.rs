@@ -35,8 +35,10 @@ enum BenchWhat {
         quick: bool,
     },
     /// Traffic through a ClusterIP side by side: pod IPs, kube-proxy's iptables and nftables
-    /// rules, svcproxy on tc and on XDP, with 1, 1k and 10k Services x 10 endpoints loaded;
-    /// writes bench/results/traffic.{md,json} and its SVG plots.
+    /// rules, svcproxy on tc, on XDP and with socket-level balancing, with 1, 1k and 10k
+    /// Services x 10 endpoints loaded; writes bench/results/traffic.{md,json} and its SVG
+    /// plots. `SVCPROXY_BENCH_VARIANTS` (e.g. `svcproxy-tc,svcproxy-sock`) and
+    /// `SVCPROXY_BENCH_NS` (e.g. `1,10000`) measure only those, and print without writing.
     Traffic {
         /// Smoke test: N in {1, 1000}, 2 repetitions, short runs; prints the tables without
         /// writing results.

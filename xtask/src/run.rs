@@ -66,6 +66,9 @@ pub struct RunArgs {
     /// With a cluster: where the maps are pinned [default: /sys/fs/bpf/svcproxy]
     #[arg(long, value_name = "DIR")]
     pub pin_path: Option<PathBuf>,
+    /// svcproxy's `--socket-lb` (tcp, all, off) when following a cluster; default: svcproxy's.
+    #[arg(long, value_name = "MODE")]
+    pub socket_lb: Option<String>,
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
@@ -243,9 +246,12 @@ fn play(
         .arg(&manifest_dir)
         .args(["--interfaces", &glob, "--hook", "tc", "--pin-path"])
         .arg(&pin_dir)
-        .args(["--node-name", &node]);
+        .args(["--node-name", &node])
+        // The sandbox is not the machine: hooks on the root cgroup would translate the
+        // sandbox's ClusterIPs for every process of the machine.
+        .args(["--socket-lb", "off"]);
     let shown = format!(
-        "svcproxy run --manifests {} --interfaces '{glob}' --hook tc --pin-path {} --node-name {node}",
+        "svcproxy run --manifests {} --interfaces '{glob}' --hook tc --pin-path {} --node-name {node} --socket-lb off",
         manifest_dir.display(),
         pin_dir.display()
     );

@@ -116,6 +116,8 @@ impl Node {
             .arg("--pin-path")
             .arg(&self.pin_dir)
             .args(extra)
+            // Not on the machine's root cgroup, where other tests run.
+            .args(["--socket-lb", "off"])
             // The binary under test, not a fresh build (which would also run the full setup).
             .env("SVCPROXY_BIN", svcproxy_bin())
             .env_remove("KUBECONFIG")

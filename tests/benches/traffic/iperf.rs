@@ -3,13 +3,14 @@
 
 use std::{
     net::SocketAddrV4,
+    path::Path,
     process::{Child, Stdio},
     thread,
     time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
-use svcproxy_tests::{cmd, command_in};
+use svcproxy_tests::{cgroup::join_on_exec, cmd, command_in};
 
 /// The port iperf3 serves on in the backend pod.
 pub const PORT: u16 = 5201;
@@ -39,12 +40,21 @@ impl Drop for Server {
     }
 }
 
-/// One iperf3 run of `secs` seconds from `netns` to `target`; returns the receiver's Gbit/s.
-/// Retries a few times while the server is still starting.
-pub fn run(netns: &str, target: SocketAddrV4, secs: u32, cpu: usize) -> Result<f64> {
+/// One iperf3 run of `secs` seconds from `netns` (and in `cgroup`, if any) to `target`;
+/// returns the receiver's Gbit/s. Retries a few times while the server is still starting.
+pub fn run(
+    netns: &str,
+    cgroup: Option<&Path>,
+    target: SocketAddrV4,
+    secs: u32,
+    cpu: usize,
+) -> Result<f64> {
     let mut last = None;
     for _ in 0..10 {
         let mut c = command_in(netns, "iperf3");
+        if let Some(cg) = cgroup {
+            join_on_exec(&mut c, cg)?;
+        }
         c.args([
             "-c",
             &target.ip().to_string(),

@@ -1,6 +1,7 @@
 //! `cargo xtask bench traffic`: traffic through a ClusterIP, side by side in one run, for no
 //! proxy (pod IPs), kube-proxy's iptables and nftables rules, and svcproxy on the tc and the
-//! XDP hook, each loaded with N Services x 10 endpoints (PERF.md, method 3).
+//! XDP hook and with socket-level balancing, each loaded with N Services x 10 endpoints
+//! (PERF.md, method 3).
 //!
 //! Every variant gets its own copy of one topology (client pod -> node -> ten backend pods,
 //! over veths; see `traffic/topology.rs`) and the same Service list (`traffic/services.rs`).
@@ -13,7 +14,8 @@
 //! Needs root, bpffs, iptables, nftables and iperf3 (`cargo xtask setup`), and the release
 //! svcproxy binary in `SVCPROXY_BIN` (`cargo xtask bench traffic` builds and passes it).
 //! `--quick`: N in {1, 1000}, 2 repetitions, short runs; prints the tables without writing
-//! `bench/results/`.
+//! `bench/results/`. `SVCPROXY_BENCH_VARIANTS=svcproxy-tc,svcproxy-sock` and
+//! `SVCPROXY_BENCH_NS=1,10000` measure only those (printed, not written either).
 
 mod cpu;
 mod epoll;
@@ -50,6 +52,10 @@ use variant::Variant;
 
 struct Config {
     quick: bool,
+    /// Only some variants or Ns (`SVCPROXY_BENCH_VARIANTS`, `SVCPROXY_BENCH_NS`): results
+    /// are then printed only, as for `--quick`, never written over the full run's.
+    filtered: bool,
+    variants: Vec<Variant>,
     ns: Vec<usize>,
     reps: usize,
     durations: Durations,
@@ -58,9 +64,11 @@ struct Config {
 impl Config {
     fn from_args() -> Result<Self> {
         let quick = shared::quick_flag("traffic")?;
-        Ok(if quick {
+        let mut cfg = if quick {
             Self {
                 quick,
+                filtered: false,
+                variants: Variant::ALL.to_vec(),
                 ns: vec![1, 1_000],
                 reps: 2,
                 durations: Durations {
@@ -75,6 +83,8 @@ impl Config {
         } else {
             Self {
                 quick,
+                filtered: false,
+                variants: Variant::ALL.to_vec(),
                 ns: vec![1, 1_000, 10_000],
                 reps: 5,
                 durations: Durations {
@@ -86,7 +96,33 @@ impl Config {
                     softirq: Duration::from_secs(2),
                 },
             }
-        })
+        };
+        if let Some(list) = std::env::var_os("SVCPROXY_BENCH_VARIANTS") {
+            let list = list.to_string_lossy().into_owned();
+            cfg.variants = list
+                .split(',')
+                .map(|name| {
+                    Variant::by_name(name.trim()).with_context(|| {
+                        let all: Vec<&str> = Variant::ALL.iter().map(|v| v.name()).collect();
+                        format!("SVCPROXY_BENCH_VARIANTS: no variant {name:?}; there are {all:?}")
+                    })
+                })
+                .collect::<Result<_>>()?;
+            cfg.filtered = true;
+        }
+        if let Some(list) = std::env::var_os("SVCPROXY_BENCH_NS") {
+            cfg.ns = list
+                .to_string_lossy()
+                .split(',')
+                .map(|n| {
+                    n.trim()
+                        .parse()
+                        .with_context(|| format!("SVCPROXY_BENCH_NS: {n:?}"))
+                })
+                .collect::<Result<_>>()?;
+            cfg.filtered = true;
+        }
+        Ok(cfg)
     }
 }
 
@@ -112,11 +148,11 @@ fn run() -> Result<()> {
         cfg.reps,
         if cfg.quick { ", quick" } else { "" }
     );
-    let mut results = Results::new(&cfg.ns, &Variant::ALL);
+    let mut results = Results::new(&cfg.ns, &cfg.variants);
     let mut load_times = Vec::new();
     for &n in &cfg.ns {
         let mut loaded = Vec::new();
-        for v in Variant::ALL {
+        for &v in &cfg.variants {
             let l = variant::load(v, n, &bin)
                 .with_context(|| format!("loading {} with {n} Services", v.name()))?;
             println!(
@@ -145,8 +181,8 @@ fn run() -> Result<()> {
     let targets = results.targets();
     println!("\n{tables}\nTargets (PERF.md):\n\n{targets}");
     println!("total {:.0}s", started.elapsed().as_secs_f64());
-    if cfg.quick {
-        println!("(quick run: bench/results/ left unchanged)");
+    if cfg.quick || cfg.filtered {
+        println!("(quick or filtered run: bench/results/ left unchanged)");
         return Ok(());
     }
     let dir = workspace_root().join("bench/results");

@@ -67,8 +67,15 @@ pub fn repetition(d: &Durations, loaded: &[Loaded], n: usize, results: &mut Resu
         }
     }
     for l in loaded {
-        let gbits = iperf::run(&l.topology.client_netns, l.bulk, d.iperf_secs, cpu::CLIENT)
-            .with_context(|| format!("iperf3 through {}", l.variant.name()))?;
+        let cgroup = l.cgroup.as_ref().map(|c| c.path());
+        let gbits = iperf::run(
+            &l.topology.client_netns,
+            cgroup,
+            l.bulk,
+            d.iperf_secs,
+            cpu::CLIENT,
+        )
+        .with_context(|| format!("iperf3 through {}", l.variant.name()))?;
         results.push(n, l.variant, Metric::BulkGbit, gbits);
     }
     for _ in 0..d.slices {
@@ -138,13 +145,18 @@ pub fn warm_up(loaded: &[Loaded]) -> Result<()> {
     Ok(())
 }
 
-/// Runs `f` on a thread in the client pod pinned to the client core.
+/// Runs `f` on a thread in the client pod pinned to the client core (and in the variant's
+/// cgroup, for socket-level balancing).
 fn on_client<T: Send + 'static>(
     l: &Loaded,
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
+    let cgroup = l.cgroup.clone();
     in_netns(&l.topology.client_netns, move || {
         cpu::pin_current_thread(cpu::CLIENT)?;
+        if let Some(cg) = &cgroup {
+            cg.enter()?;
+        }
         f()
     })?
     .with_context(|| format!("load from the client pod of {}", l.variant.name()))

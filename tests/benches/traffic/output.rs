@@ -91,7 +91,10 @@ pub fn markdown(
          connections/s (machine-wide /proc/stat, tick-sampled).\n\n\
          Only the iptables and nftables variants have netfilter rules, so only their node runs \
          conntrack; svcproxy and `direct` forward without it. XDP on a veth copies every packet \
-         (PERF.md): its bulk figure shows that cost.\n\n\
+         (PERF.md): its bulk figure shows that cost. `svcproxy-sock` is svcproxy with \
+         socket-level balancing (`--socket-lb tcp`, hooks on a cgroup the client's load runs \
+         in): its TCP sockets are connected to a backend at `connect()` and no TCP packet is \
+         translated; its UDP figures take the tc path.\n\n\
          Load times (rules written or maps programmed, until the measured Service answered): \
          {}.\n\n\
          ![connections per second](traffic-conns.svg)\n\n\

@@ -188,7 +188,11 @@ impl Results {
         let mut out = String::from(
             "| target | variant | measured (median, min - max) | met |\n|---|---|---:|---|\n",
         );
-        for v in [Variant::SvcproxyTc, Variant::SvcproxyXdp] {
+        for v in [
+            Variant::SvcproxyTc,
+            Variant::SvcproxyXdp,
+            Variant::SvcproxySock,
+        ] {
             if !self.variants.contains(&v) {
                 continue;
             }

@@ -1,8 +1,10 @@
 //! The svcproxy variants: the same Services written as Service and EndpointSlice manifests,
 //! and the release `svcproxy` binary following them from the node namespace, attached to the
-//! pods' host veths with the tc or the XDP hook.
+//! pods' host veths with the tc or the XDP hook (and, for the socket-level variant, to a
+//! cgroup of the bench's own).
 
 use std::{
+    ffi::OsString,
     fs,
     path::{Path, PathBuf},
     process::{Child, Stdio},
@@ -75,6 +77,7 @@ impl Proxy {
         set: &ServiceSet,
         hook: &str,
         tag: &str,
+        extra: &[OsString],
     ) -> Result<Self> {
         let unique = format!("svcproxy-bench-{}-{tag}", std::process::id());
         let mut proxy = Self {
@@ -101,6 +104,7 @@ impl Proxy {
                 "--pin-path",
             ])
             .arg(&proxy.pin_dir)
+            .args(extra)
             .env("SVCPROXY_LOG", "info")
             // No colours: the log is searched for the sync line.
             .env("NO_COLOR", "1")
@@ -111,6 +115,22 @@ impl Proxy {
             .with_context(|| format!("start {}", bin.display()))?;
         proxy.child = Some(child);
         Ok(proxy)
+    }
+
+    /// Fails unless the socket-level hooks translated some socket (they record each in the
+    /// pinned `SOCK_REVNAT4`): without this, a hook that never fired would be measured as the
+    /// tc path under another name.
+    pub fn check_socket_lb_used(&self) -> Result<()> {
+        use aya::maps::{HashMap, Map, MapData};
+        use proxy_common::sock::{SOCK_REVNAT4, SockRevEntry4, SockRevKey4};
+        let path = self.pin_dir.join(SOCK_REVNAT4);
+        let data = MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))?;
+        let map = HashMap::<_, SockRevKey4, SockRevEntry4>::try_from(Map::LruHashMap(data))
+            .context("SOCK_REVNAT4 is no LRU hash")?;
+        if map.keys().next().is_none() {
+            bail!("no socket was translated at connect(): the socket-level hooks did not run");
+        }
+        Ok(())
     }
 
     fn log(&self) -> PathBuf {

@@ -1,18 +1,18 @@
 //! The compared variants and how each is loaded with the same Services.
 //!
-//! To add one (svcproxy's socket-level load balancing, once it exists): a [`Variant`] entry in
-//! [`Variant::ALL`], its name, and its arm in [`load`]; the measuring, the tables, the JSON
-//! and the plots pick it up from the list.
+//! To add one: a [`Variant`] entry in [`Variant::ALL`], its name, and its arm in [`load`]; the
+//! measuring, the tables, the JSON and the plots pick it up from the list.
 
 use std::{
     net::SocketAddrV4,
     path::Path,
+    sync::Arc,
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
-use svcproxy_tests::in_netns;
+use svcproxy_tests::{TestCgroup, in_netns};
 
 use super::{
     iperf, iptables, loadgen, nftables,
@@ -34,16 +34,27 @@ pub enum Variant {
     Nftables,
     SvcproxyTc,
     SvcproxyXdp,
+    /// svcproxy's socket-level balancing (`--socket-lb tcp`): the client's TCP sockets are
+    /// connected to a backend at `connect()`, and the tc program (attached too, for UDP)
+    /// sees them as packets to a pod. The client's load runs in the cgroup the hooks are
+    /// attached to, a threaded one of the bench's own (not the machine's root).
+    SvcproxySock,
 }
 
 impl Variant {
-    pub const ALL: [Variant; 5] = [
+    pub const ALL: [Variant; 6] = [
         Variant::Direct,
         Variant::Iptables,
         Variant::Nftables,
         Variant::SvcproxyTc,
         Variant::SvcproxyXdp,
+        Variant::SvcproxySock,
     ];
+
+    /// The variant called `name` (as [`name`](Self::name) spells it).
+    pub fn by_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| v.name() == name)
+    }
 
     pub fn name(self) -> &'static str {
         match self {
@@ -52,6 +63,7 @@ impl Variant {
             Variant::Nftables => "nftables",
             Variant::SvcproxyTc => "svcproxy-tc",
             Variant::SvcproxyXdp => "svcproxy-xdp",
+            Variant::SvcproxySock => "svcproxy-sock",
         }
     }
 
@@ -63,6 +75,7 @@ impl Variant {
             Variant::Nftables => "btn",
             Variant::SvcproxyTc => "btt",
             Variant::SvcproxyXdp => "btx",
+            Variant::SvcproxySock => "bts",
         }
     }
 }
@@ -70,6 +83,8 @@ impl Variant {
 /// A variant ready to measure. Fields drop in order: the proxy stops before its sandbox goes.
 pub struct Loaded {
     _proxy: Option<Proxy>,
+    /// The cgroup the socket-level hooks are attached to, which the client's load enters.
+    pub cgroup: Option<Arc<TestCgroup>>,
     pub topology: Topology,
     pub variant: Variant,
     /// Where the load goes: the measured Service, or for `direct` its backends' pod IPs.
@@ -86,6 +101,10 @@ pub fn load(variant: Variant, n: usize, bin: &Path) -> Result<Loaded> {
     let set = ServiceSet::new(n, &topology.backends);
     let node = topology.sandbox.node_netns().to_owned();
     let started = Instant::now();
+    let cgroup = match variant {
+        Variant::SvcproxySock => Some(Arc::new(TestCgroup::new(variant.tag())?)),
+        _ => None,
+    };
     let proxy = match variant {
         Variant::Direct => None,
         Variant::Iptables => {
@@ -96,13 +115,30 @@ pub fn load(variant: Variant, n: usize, bin: &Path) -> Result<Loaded> {
             nftables::load(&node, &set)?;
             None
         }
-        Variant::SvcproxyTc | Variant::SvcproxyXdp => {
-            let hook = if variant == Variant::SvcproxyTc {
-                "tc"
-            } else {
+        Variant::SvcproxyTc | Variant::SvcproxyXdp | Variant::SvcproxySock => {
+            let hook = if variant == Variant::SvcproxyXdp {
                 "xdp"
+            } else {
+                "tc"
             };
-            let mut proxy = Proxy::start(bin, &topology.sandbox, &set, hook, variant.tag())?;
+            let socket_lb = match &cgroup {
+                Some(cg) => vec![
+                    "--socket-lb".into(),
+                    "tcp".into(),
+                    "--cgroup-path".into(),
+                    cg.path().as_os_str().to_owned(),
+                ],
+                // Measured without: and never on the machine's root cgroup.
+                None => vec!["--socket-lb".into(), "off".into()],
+            };
+            let mut proxy = Proxy::start(
+                bin,
+                &topology.sandbox,
+                &set,
+                hook,
+                variant.tag(),
+                &socket_lb,
+            )?;
             let frontends = set.services.iter().map(|s| s.ports.len()).sum();
             proxy.wait_synced(frontends)?;
             Some(proxy)
@@ -121,11 +157,15 @@ pub fn load(variant: Variant, n: usize, bin: &Path) -> Result<Loaded> {
     } else {
         (vec![set.measured_addr()], set.bulk_addr())
     };
-    wait_answering(&topology.client_netns, targets[0])
+    wait_answering(&topology.client_netns, cgroup.clone(), targets[0])
         .with_context(|| format!("{} with {n} Services", variant.name()))?;
+    if let (Variant::SvcproxySock, Some(p)) = (variant, &proxy) {
+        p.check_socket_lb_used()?;
+    }
     Ok(Loaded {
         load_time: started.elapsed(),
         _proxy: proxy,
+        cgroup,
         topology,
         variant,
         targets,
@@ -133,9 +173,17 @@ pub fn load(variant: Variant, n: usize, bin: &Path) -> Result<Loaded> {
     })
 }
 
-/// Waits until a TCP request/response and a UDP one to `target` succeed from the client pod.
-fn wait_answering(client_netns: &str, target: SocketAddrV4) -> Result<()> {
+/// Waits until a TCP request/response and a UDP one to `target` succeed from the client pod
+/// (inside `cgroup`, if any).
+fn wait_answering(
+    client_netns: &str,
+    cgroup: Option<Arc<TestCgroup>>,
+    target: SocketAddrV4,
+) -> Result<()> {
     in_netns(client_netns, move || {
+        if let Some(cg) = &cgroup {
+            cg.enter()?;
+        }
         let started = Instant::now();
         let mut last = None;
         while started.elapsed() < ANSWER_WITHIN {

@@ -237,6 +237,20 @@ impl Proxy {
         Self::spawn(sb, &args, hook, Vec::new())
     }
 
+    /// [`start_with_options`](Self::start_with_options) with only the capabilities `caps`
+    /// (see [`setpriv_with_only`]).
+    pub fn start_with_options_and_capabilities(
+        sb: &Sandbox,
+        manifests: &Path,
+        hook: &str,
+        extra: &[&str],
+        caps: &[&str],
+    ) -> Self {
+        let mut args = vec!["--manifests".as_ref(), manifests.as_os_str()];
+        args.extend(extra.iter().map(OsStr::new));
+        Self::spawn(sb, &args, hook, setpriv_with_only(caps))
+    }
+
     /// Like [`start`](Self::start), with only the capabilities `caps` (see
     /// [`setpriv_with_only`]) instead of all of root's.
     pub fn start_with_capabilities(
@@ -284,6 +298,12 @@ impl Proxy {
             .map(OsString::from),
         );
         args.push(pin_dir.clone().into());
+        // The socket-level hooks act on every process of their cgroup, by default the whole
+        // machine, where other tests run: only the tests that ask for them (with a cgroup of
+        // their own, `--cgroup-path`) get them.
+        if !source_args.iter().any(|a| *a == "--socket-lb") {
+            args.extend(["--socket-lb", "off"].map(OsString::from));
+        }
         args.extend(
             [
                 "--max-frontends",

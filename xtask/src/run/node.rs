@@ -100,6 +100,9 @@ pub fn svcproxy_args(cluster: &Cluster, args: &RunArgs) -> Vec<OsString> {
     if let Some(node) = &args.node_name {
         out.extend(["--node-name".into(), node.into()]);
     }
+    if let Some(mode) = &args.socket_lb {
+        out.extend(["--socket-lb".into(), mode.into()]);
+    }
     out
 }
 
