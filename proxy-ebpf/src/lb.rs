@@ -305,7 +305,7 @@ fn select<'a, P: Packet>(
 }
 
 #[inline(always)]
-fn remember(key: &AffinityKey4, backend_id: u32, now: u64) {
+pub(crate) fn remember(key: &AffinityKey4, backend_id: u32, now: u64) {
     // LRU: a full table forgets the least recent client, which then gets a new backend.
     let _ = AFFINITY4.insert(
         key,

@@ -20,7 +20,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     backend::{BACKEND_ACTIVE, filter_slot, filter_word_bit},
-    conntrack::{AffinityEntry, AffinityKey4},
+    conntrack::AffinityKey4,
     select::{affinity_fresh, maglev_flow_hash, maglev_index, random_slot},
     service::{
         FRONTEND_FILTER_SIZE, Frontend4Key, SVC_F_AFFINITY, SVC_F_MAGLEV, SVC_F_POLICY_DROP,
@@ -29,8 +29,9 @@ use proxy_common::{
     sock::{SOCK_LB_ALL, SOCK_LB_TCP, SockRevEntry4, SockRevKey4},
 };
 
-use crate::maps::{
-    AFFINITY4, BACKENDS4, FRONTEND_FILTER, FRONTENDS4, MAGLEV_TABLE_SIZE, MAGLEV4, SLOTS,
+use crate::{
+    lb::remember,
+    maps::{AFFINITY4, BACKENDS4, FRONTEND_FILTER, FRONTENDS4, MAGLEV_TABLE_SIZE, MAGLEV4, SLOTS},
 };
 
 /// Socket cookie and backend -> the frontend asked for (see `proxy_common::sock`).
@@ -226,19 +227,6 @@ fn select(svc: &Service4, cookie: u64, fe: &Frontend4Key) -> Option<(u32, u16)> 
         remember(&aff_key, backend_id, now);
     }
     Some((addr, port))
-}
-
-#[inline(always)]
-fn remember(key: &AffinityKey4, backend_id: u32, now: u64) {
-    let _ = AFFINITY4.insert(
-        key,
-        AffinityEntry {
-            backend_id,
-            _pad: 0,
-            last_seen_ns: now,
-        },
-        0,
-    );
 }
 
 /// The peer or a datagram's sender is a backend this socket was translated to: say the frontend.
